@@ -1,0 +1,260 @@
+"""The bundle contract: the only thing that crosses from export to runtime (DESIGN §3).
+
+A bundle is a directory with ``manifest.json``, ``tokenizer.json``, the token embedding table and the ONNX
+graphs. Each graph's inputs and outputs are declared once here (:func:`graph_specs`); the exporter derives
+its ONNX input/output names and dynamic axes from that declaration and the runtime derives its bindings
+from it, so the two cannot drift apart.
+
+KV-cache layout: the decoder takes the past keys/values of each layer *sequence-major*,
+``[past, batch, kv_heads, head_dim]``, and returns only the keys/values of the new tokens in the same
+layout, ``[cur, batch, kv_heads, head_dim]``. A runtime keeps one preallocated buffer per layer of
+``[max_context, batch, kv_heads, head_dim]``: the past is a contiguous view of its head and the new entries
+are written straight after it, so no step copies the cache. Logits and the post-norm hidden state are
+returned for the last position only (all generation needs; it saves the vocabulary projection of the
+whole prompt in prefill).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from m3d_edge.errors import BundleError
+from m3d_edge.fileio import atomic_write_text
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+EMBED_TABLE = "embed.npy"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor of a graph: dtype (numpy name) and shape (ints, or names of dynamic axes)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The declaration of one exported graph."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes() for t in self.inputs + self.outputs if t.dynamic_axes()}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes that shape every graph; stored in the manifest."""
+
+    family: str  # "phi3" | "llama"
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    sliding_window: int | None
+    image_size: tuple[int, int, int]
+    patch_size: tuple[int, int, int]
+    vision_hidden: int
+    seg_hidden: int
+    num_image_tokens: int
+
+    @property
+    def feature_grid(self) -> tuple[int, int, int]:
+        return tuple(i // p for i, p in zip(self.image_size, self.patch_size, strict=True))  # type: ignore[return-value]
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the exported decoder computes exactly."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelDims:
+        d = dict(d)
+        for k in ("image_size", "patch_size"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def kv_names(layer: int) -> tuple[str, str, str, str]:
+    """(past key, past value, present key, present value) names of one decoder layer."""
+    return (
+        f"past_key_values.{layer}.key",
+        f"past_key_values.{layer}.value",
+        f"present.{layer}.key",
+        f"present.{layer}.value",
+    )
+
+
+def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
+    """Every graph of a bundle, declared once (DESIGN §3)."""
+    image = TensorSpec("image", "float32", ("batch", 1, *dims.image_size))
+    grid = dims.feature_grid
+    kv = ("past", "batch", dims.num_kv_heads, dims.head_dim)
+    new_kv = ("sequence", "batch", dims.num_kv_heads, dims.head_dim)
+    dec_in = [
+        TensorSpec("inputs_embeds", "float32", ("batch", "sequence", dims.hidden_size)),
+        TensorSpec("attention_mask", "int64", ("batch", "total")),
+        TensorSpec("position_ids", "int64", ("batch", "sequence")),
+    ]
+    dec_out = [
+        TensorSpec("logits", "float32", ("batch", dims.vocab_size)),
+        TensorSpec("last_hidden_state", "float32", ("batch", dims.hidden_size)),
+    ]
+    for i in range(dims.num_layers):
+        pk, pv, nk, nv = kv_names(i)
+        dec_in += [TensorSpec(pk, "float32", kv), TensorSpec(pv, "float32", kv)]
+        dec_out += [TensorSpec(nk, "float32", new_kv), TensorSpec(nv, "float32", new_kv)]
+    seg_embedding = TensorSpec("image_embedding", "float32", ("batch", dims.seg_hidden, *grid))
+    specs = [
+        GraphSpec(
+            "vision",
+            (image,),
+            (TensorSpec("image_embeds", "float32", ("batch", dims.num_image_tokens, dims.hidden_size)),),
+        ),
+        GraphSpec("decoder", tuple(dec_in), tuple(dec_out)),
+        GraphSpec("seg_encoder", (image,), (seg_embedding,)),
+        GraphSpec(
+            "seg_decoder",
+            (seg_embedding, TensorSpec("seg_hidden", "float32", ("batch", dims.hidden_size))),
+            (TensorSpec("mask_logits", "float32", ("batch", 1, *dims.image_size)),),
+        ),
+    ]
+    return {s.name: s for s in specs}
+
+
+@dataclass
+class GraphEntry:
+    """A graph as recorded in the manifest: its files, precision and hashes."""
+
+    file: str
+    precision: str = "fp32"
+    sha256: dict[str, str] = field(default_factory=dict)  # every file of the graph (model + external data)
+    opset: int | None = None
+    ir_version: int | None = None
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # other precisions: file, sha256, gate
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: everything the runtime needs besides the graph files themselves."""
+
+    bundle_id: str
+    producer: str
+    dims: ModelDims
+    token_ids: dict[str, Any]  # im_patch, bx_start, bx_end, seg, bos, eos (list), pad
+    prompt: dict[str, Any]  # image token string, count, splice start, add_bos
+    preprocessing: dict[str, Any]
+    generation: dict[str, Any]
+    graphs: dict[str, GraphEntry]
+    embed: dict[str, Any]  # file, sha256, shape
+    tokenizer: dict[str, Any]  # file, sha256
+    source: dict[str, Any] = field(default_factory=dict)  # checkpoint name, config hash, model_type
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        d = dict(d)
+        d["dims"] = ModelDims.from_dict(d["dims"])
+        d["graphs"] = {k: GraphEntry(**v) for k, v in d["graphs"].items()}
+        return cls(**d)
+
+    def specs(self) -> dict[str, GraphSpec]:
+        return graph_specs(self.dims)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(bundle_dir: Path, manifest: Manifest) -> Path:
+    path = Path(bundle_dir) / MANIFEST
+    atomic_write_text(path, manifest.to_json() + "\n")
+    return path
+
+
+def read_manifest(bundle_dir: Path | str, verify: bool = True) -> Manifest:
+    """Read and validate ``manifest.json``; with ``verify`` check every file's sha256.
+
+    Raises :class:`BundleError` naming the bundle and the problem.
+    """
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST
+    if not bundle_dir.is_dir():
+        raise BundleError(f"{bundle_dir}: not a bundle directory")
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir}: no {MANIFEST} (not an m3d-edge bundle)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: unreadable manifest ({e})") from e
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{path}: schema version {version!r} is not supported by this runtime (expects {SCHEMA_VERSION});"
+            " re-export the bundle with a matching m3d-edge"
+        )
+    try:
+        manifest = Manifest.from_dict(raw)
+    except (TypeError, KeyError, ValueError) as e:
+        raise BundleError(f"{path}: malformed manifest ({e})") from e
+    if verify:
+        verify_files(bundle_dir, manifest)
+    return manifest
+
+
+def manifest_files(manifest: Manifest) -> dict[str, str]:
+    """Every file the manifest vouches for, with its expected sha256."""
+    files = {manifest.tokenizer["file"]: manifest.tokenizer["sha256"], manifest.embed["file"]: manifest.embed["sha256"]}
+    for entry in manifest.graphs.values():
+        files.update(entry.sha256)
+        for variant in entry.variants.values():
+            files.update(variant.get("sha256", {}))
+    return files
+
+
+def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
+    """Check presence and sha256 of every file; one message lists every problem."""
+    problems = []
+    for rel, expected in sorted(manifest_files(manifest).items()):
+        p = bundle_dir / rel
+        if not p.is_file():
+            problems.append(f"{rel} is missing")
+        elif sha256_file(p) != expected:
+            problems.append(f"{rel} is corrupted (sha256 mismatch)")
+    if problems:
+        raise BundleError(f"{bundle_dir}: " + "; ".join(problems))

@@ -1,0 +1,1 @@
+"""Torch-free inference runtime: imaging I/O, backends, generation loop, pipeline."""
