@@ -239,7 +239,10 @@ def read_manifest(bundle_dir: Path | str, verify: bool = True) -> Manifest:
 
 def manifest_files(manifest: Manifest) -> dict[str, str]:
     """Every file the manifest vouches for, with its expected sha256."""
-    files = {manifest.tokenizer["file"]: manifest.tokenizer["sha256"], manifest.embed["file"]: manifest.embed["sha256"]}
+    files = {
+        manifest.tokenizer["file"]: manifest.tokenizer["sha256"],
+        manifest.embed["file"]: manifest.embed["sha256"],
+    }
     for entry in manifest.graphs.values():
         files.update(entry.sha256)
         for variant in entry.variants.values():

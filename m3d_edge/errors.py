@@ -41,3 +41,9 @@ class GenerationError(M3DEdgeError):
     """Generation cannot proceed (for example the context length would be exceeded)."""
 
     exit_code = 7
+
+
+class PromptError(M3DEdgeError, ValueError):
+    """A task was asked with a missing or malformed argument."""
+
+    exit_code = 2

@@ -1,0 +1,206 @@
+"""The generation loop: prefill, then one token at a time over a preallocated KV cache.
+
+Read it top to bottom: :class:`KVCache` holds one sequence-major buffer per layer; :class:`Decoder` binds
+views of those buffers to the decoder graph so each step writes the new keys/values in place;
+:func:`sample` turns logits into a token; :func:`generate` is the loop with its stop rules and streaming.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from m3d_edge.bundle import ModelDims, kv_names
+from m3d_edge.errors import GenerationError
+from m3d_edge.runtime.backend import GraphSession
+
+
+class KVCache:
+    """Per-layer key/value buffers ``[max_len, 1, kv_heads, head_dim]``; positions ``[0, length)`` are valid."""
+
+    def __init__(self, dims: ModelDims, max_len: int) -> None:
+        shape = (max_len, 1, dims.num_kv_heads, dims.head_dim)
+        self.keys = [np.zeros(shape, np.float32) for _ in range(dims.num_layers)]
+        self.values = [np.zeros(shape, np.float32) for _ in range(dims.num_layers)]
+        self.max_len = max_len
+        self.length = 0
+        self.ids: list[int] = []  # the token ids whose keys/values are cached (prefix reuse)
+
+
+class Decoder:
+    """Runs the decoder graph over a :class:`KVCache` with IO binding; no per-step buffer allocation."""
+
+    def __init__(self, session: GraphSession, dims: ModelDims, embed_table: np.ndarray) -> None:
+        self.session, self.dims, self.embed_table = session, dims, embed_table
+        self.logits = np.zeros((1, dims.vocab_size), np.float32)
+        self.hidden = np.zeros((1, dims.hidden_size), np.float32)
+        self.token_embeds = np.zeros((1, 1, dims.hidden_size), np.float32)
+        self._mask = np.ones((1, 0), np.int64)
+        self._positions = np.zeros((1, 0), np.int64)
+
+    def new_cache(self, max_len: int) -> KVCache:
+        if self._mask.shape[1] < max_len:
+            self._mask = np.ones((1, max_len), np.int64)
+            self._positions = np.arange(max_len, dtype=np.int64)[None]
+        return KVCache(self.dims, max_len)
+
+    def step(self, cache: KVCache, embeds: np.ndarray, ids: list[int]) -> None:
+        """Feed ``embeds [1, n, H]`` (whose tokens are ``ids``) after the cached prefix; fills logits/hidden."""
+        past, n = cache.length, embeds.shape[1]
+        if past + n > cache.max_len:
+            raise GenerationError(f"KV cache full: {past} + {n} tokens exceed its {cache.max_len} positions")
+        inputs = {
+            "inputs_embeds": np.ascontiguousarray(embeds, np.float32),
+            "attention_mask": self._mask[:, : past + n],
+            "position_ids": self._positions[:, past : past + n],
+        }
+        outputs = {"logits": self.logits, "last_hidden_state": self.hidden}
+        for i in range(self.dims.num_layers):
+            pk, pv, nk, nv = kv_names(i)
+            inputs[pk], inputs[pv] = cache.keys[i][:past], cache.values[i][:past]
+            outputs[nk], outputs[nv] = cache.keys[i][past : past + n], cache.values[i][past : past + n]
+        self.session.run_bound(inputs, outputs)
+        cache.length += n
+        cache.ids.extend(ids)
+
+    def step_token(self, cache: KVCache, token: int) -> None:
+        np.copyto(self.token_embeds[0, 0], self.embed_table[token])
+        self.step(cache, self.token_embeds, [token])
+
+
+@dataclass
+class SamplingParams:
+    """Greedy by default; with ``do_sample`` the warpers apply in transformers' order."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+def filtered_probs(logits: np.ndarray, params: SamplingParams, generated: list[int]) -> np.ndarray:
+    """The distribution a token is drawn from: repetition penalty, bias, temperature, top-k, top-p."""
+    x = logits.astype(np.float64).copy()
+    if params.repetition_penalty != 1.0 and generated:
+        seen = np.unique(generated)
+        x[seen] = np.where(
+            x[seen] < 0, x[seen] * params.repetition_penalty, x[seen] / params.repetition_penalty
+        )
+    for token, bias in params.logit_bias.items():
+        x[token] += bias
+    if not params.do_sample:
+        onehot = np.zeros_like(x)
+        onehot[int(np.argmax(x))] = 1.0
+        return onehot
+    x /= params.temperature
+    if 0 < params.top_k < x.size:
+        kth = np.partition(x, -params.top_k)[-params.top_k]
+        x[x < kth] = -np.inf
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(p, kind="stable")  # ascending, like transformers' TopPLogitsWarper
+        cum = np.cumsum(p[order])
+        p[order[:-1][cum[:-1] <= 1.0 - params.top_p]] = 0.0  # the most likely token always stays
+        p /= p.sum()
+    return p
+
+
+def sample(logits: np.ndarray, params: SamplingParams, generated: list[int], rng: np.random.Generator) -> int:
+    if not params.do_sample and not params.logit_bias and params.repetition_penalty == 1.0:
+        return int(np.argmax(logits))
+    p = filtered_probs(logits, params, generated)
+    if not params.do_sample:
+        return int(np.argmax(p))
+    return int(rng.choice(p.size, p=p))
+
+
+class TextStream:
+    """Decodes a growing token list and yields only the new, complete text (no half UTF-8 characters)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self.decode = decode
+        self.emitted = 0
+
+    def push(self, tokens: list[int]) -> str:
+        text = self.decode(tokens)
+        if text.endswith("\ufffd"):  # a multi-byte character is still incomplete
+            return ""
+        delta, self.emitted = text[self.emitted :], len(text)
+        return delta
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    hidden: list[np.ndarray]  # hidden[k] is the post-norm state that predicted tokens[k]
+    stop_reason: str  # "eos" | "stop_string" | "max_new_tokens"
+    prefill_seconds: float
+    step_seconds: list[float]
+
+
+def generate(
+    decoder: Decoder,
+    cache: KVCache,
+    embeds: np.ndarray,
+    ids: list[int],
+    *,
+    max_new_tokens: int,
+    eos_ids: set[int],
+    params: SamplingParams | None = None,
+    stop_strings: tuple[str, ...] = (),
+    decode: Callable[[list[int]], str] | None = None,
+    on_text: Callable[[str], None] | None = None,
+    keep_hidden: bool = False,
+) -> Generation:
+    """Generate after the prompt ``embeds [1, n, H]`` (token ids ``ids``), reusing any cached prefix.
+
+    ``cache`` may already hold a prefix of ``ids`` (same study): only the rest is prefilled.
+    """
+    params = params or SamplingParams()
+    rng = np.random.default_rng(params.seed)
+    n = len(ids)
+    if n + max_new_tokens > cache.max_len:
+        raise GenerationError(
+            f"prompt of {n} tokens + max_new_tokens {max_new_tokens} exceeds the context length {cache.max_len}"
+        )
+    reuse = 0
+    while reuse < min(cache.length, n - 1) and cache.ids[reuse] == ids[reuse]:
+        reuse += 1
+    cache.length, cache.ids = reuse, cache.ids[:reuse]
+
+    t0 = time.perf_counter()
+    decoder.step(cache, embeds[:, reuse:], ids[reuse:])
+    prefill = time.perf_counter() - t0
+    stream = TextStream(decode) if (on_text or stop_strings) and decode else None
+    tokens: list[int] = []
+    hidden: list[np.ndarray] = []
+    steps: list[float] = []
+    reason = "max_new_tokens"
+    while True:
+        token = sample(decoder.logits[0], params, tokens, rng)
+        tokens.append(token)
+        if keep_hidden:
+            hidden.append(decoder.hidden[0].copy())
+        if stream:
+            delta = stream.push(tokens)
+            if delta and on_text:
+                on_text(delta)
+            if stop_strings and any(s in decode(tokens) for s in stop_strings):
+                reason = "stop_string"
+                break
+        if token in eos_ids:
+            reason = "eos"
+            break
+        if len(tokens) >= max_new_tokens:
+            break
+        t1 = time.perf_counter()
+        decoder.step_token(cache, token)
+        steps.append(time.perf_counter() - t1)
+    return Generation(tokens, hidden, reason, prefill, steps)
