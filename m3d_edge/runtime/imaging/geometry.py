@@ -1,0 +1,306 @@
+"""Voxel geometry, and mapping model outputs (boxes, masks) back to the source series.
+
+Conventions (used everywhere in :mod:`m3d_edge.runtime.imaging`):
+
+* Volumes are numpy arrays in ``(z, y, x)`` = (slice, row, column) order.
+* :attr:`Geometry.affine` is a 4x4 matrix mapping a voxel index written as ``(x, y, z, 1)`` =
+  (column, row, slice, 1) to patient coordinates in millimetres, **LPS** (DICOM patient system).
+  Its first column is the row direction cosine times the column spacing, the second the column direction
+  cosine times the row spacing, the third the step between consecutive slices, the fourth the centre of the
+  first voxel. :meth:`Geometry.zyx_to_lps` takes indices in array order and does the swap for you.
+* :attr:`Geometry.spacing` and :attr:`Geometry.shape` are in array order ``(z, y, x)``.
+* NIfTI files are RAS; conversion is ``affine_ras = diag(-1, -1, 1, 1) @ affine_lps`` (and back).
+
+Box convention (M3D's ``mask2box``): a box ``[d1, h1, w1, d2, h2, w2]`` holds voxel indices of the
+32x256x256 model grid divided by the size of that axis: ``d1 = first_index / 32``, ``d2 = last_index / 32``
+(the max is the *last* foreground index, so ``d2 <= 31/32``), rounded to 3 decimals. The inverse is
+``index = round(value * size)`` clipped to ``[0, size - 1]``.
+
+Resize convention (model grid <-> cropped source grid), ``scale = cropped_size / target_size`` per axis:
+a model-grid voxel ``t`` is centred at source coordinate ``(t + 0.5) * scale - 0.5`` (align_corners=False);
+a source voxel ``k`` takes the mask value of model voxel ``floor((k + 0.5) / scale)`` (nearest, half-pixel,
+the exact inverse of the centre mapping). A box maps to the source voxels whose value would come from inside
+the box, so boxes and masks mapped back agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from m3d_edge.errors import StudyError
+from m3d_edge.fileio import atomic_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from m3d_edge.runtime.imaging.preprocess import PreprocessRecord
+    from m3d_edge.runtime.imaging.study import Study
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+TARGET_SHAPE = (32, 256, 256)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the voxels of a ``(z, y, x)`` volume are in patient space (LPS, mm)."""
+
+    affine: np.ndarray  # 4x4, (x=column, y=row, z=slice, 1) -> LPS mm
+    shape: tuple[int, int, int]  # (z, y, x)
+    spacing: tuple[float, float, float]  # (z, y, x) mm
+
+    @classmethod
+    def from_affine(cls, affine: np.ndarray, shape: tuple[int, ...]) -> Geometry:
+        affine = np.asarray(affine, dtype=np.float64).reshape(4, 4)
+        norms = np.linalg.norm(affine[:3, :3], axis=0)  # x, y, z
+        return cls(
+            affine=affine,
+            shape=tuple(int(s) for s in shape),
+            spacing=(float(norms[2]), float(norms[1]), float(norms[0])),
+        )
+
+    @classmethod
+    def identity(cls, shape: tuple[int, ...]) -> Geometry:
+        return cls.from_affine(np.eye(4), shape)
+
+    @property
+    def affine_ras(self) -> np.ndarray:
+        return LPS_TO_RAS @ self.affine
+
+    @property
+    def slice_normal(self) -> np.ndarray:
+        n = np.cross(self.affine[:3, 0], self.affine[:3, 1])
+        return n / np.linalg.norm(n)
+
+    def zyx_to_lps(self, zyx: np.ndarray | list | tuple) -> np.ndarray:
+        """Map voxel indices given in array order ``(..., 3)`` = (z, y, x) to LPS millimetres."""
+        p = np.asarray(zyx, dtype=np.float64)
+        xyz1 = np.concatenate([p[..., ::-1], np.ones(p.shape[:-1] + (1,))], axis=-1)
+        return (xyz1 @ self.affine.T)[..., :3]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "affine_lps": [[float(v) for v in row] for row in self.affine],
+            "shape_zyx": list(self.shape),
+            "spacing_zyx_mm": list(self.spacing),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Geometry:
+        return cls(
+            affine=np.asarray(d["affine_lps"], dtype=np.float64),
+            shape=tuple(int(v) for v in d["shape_zyx"]),
+            spacing=tuple(float(v) for v in d["spacing_zyx_mm"]),
+        )
+
+
+# --------------------------------------------------------------------------------------------- boxes
+
+
+def box_from_mask(mask: np.ndarray, ndigits: int | None = 3) -> list[float] | None:
+    """M3D's ``mask2box``: ``[d1,h1,w1,d2,h2,w2]`` = first/last foreground index / axis size (None if empty)."""
+    mask = np.asarray(mask)
+    if mask.ndim == 4:
+        mask = mask[0]
+    nz = np.nonzero(mask)
+    if len(nz[0]) == 0:
+        return None
+    lo = [int(a.min()) / s for a, s in zip(nz, mask.shape, strict=True)]
+    hi = [int(a.max()) / s for a, s in zip(nz, mask.shape, strict=True)]
+    vals = lo + hi
+    return [round(v, ndigits) for v in vals] if ndigits is not None else vals
+
+
+@dataclass(frozen=True)
+class SourceBox:
+    """A model box mapped back to the source series."""
+
+    normalized: tuple[float, ...]  # [d1,h1,w1,d2,h2,w2] as given
+    grid_min: tuple[int, int, int]  # inclusive voxel indices on the 32x256x256 grid, (z, y, x)
+    grid_max: tuple[int, int, int]
+    source_min: tuple[int, int, int]  # inclusive voxel indices on the source volume, (z, y, x)
+    source_max: tuple[int, int, int]
+    mm_min: tuple[float, float, float]  # LPS mm of the centre of voxel source_min
+    mm_max: tuple[float, float, float]  # LPS mm of the centre of voxel source_max
+    mm_center: tuple[float, float, float]  # LPS mm, midpoint of mm_min and mm_max
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) for k, v in self.__dict__.items()}
+
+
+def _grid_to_source_range(t_lo: int, t_hi: int, scale: float, size: int) -> tuple[int, int]:
+    """Inclusive source range [k_lo, k_hi] of voxels k whose nearest model voxel lies in [t_lo, t_hi]."""
+    eps = 1e-9
+    k_lo = math.ceil(t_lo * scale - 0.5 - eps)
+    k_hi = math.ceil((t_hi + 1) * scale - 0.5 - eps) - 1
+    if k_hi < k_lo:  # model voxels finer than the source: take the voxel holding the box centre
+        c = math.floor(((t_lo + t_hi) / 2 + 0.5) * scale)
+        k_lo = k_hi = c
+    return max(0, min(k_lo, size - 1)), max(0, min(k_hi, size - 1))
+
+
+def box_to_source(box: list[float] | tuple[float, ...], record: PreprocessRecord) -> SourceBox:
+    """Map a normalized M3D box through resize and crop to source voxels and LPS millimetres."""
+    vals = [float(v) for v in box]
+    if len(vals) != 6 or not all(math.isfinite(v) for v in vals):
+        raise StudyError(f"box {box!r}: expected 6 finite numbers [d1, h1, w1, d2, h2, w2]")
+    target = record.target_shape
+    grid_lo, grid_hi, src_lo, src_hi = [], [], [], []
+    for ax in range(3):
+        a = min(max(round(vals[ax] * target[ax]), 0), target[ax] - 1)
+        b = min(max(round(vals[ax + 3] * target[ax]), 0), target[ax] - 1)
+        a, b = min(a, b), max(a, b)
+        grid_lo.append(a)
+        grid_hi.append(b)
+        c0, c1 = record.crop_start[ax], record.crop_stop[ax]
+        k_lo, k_hi = _grid_to_source_range(a, b, (c1 - c0) / target[ax], c1 - c0)
+        src_lo.append(k_lo + c0)
+        src_hi.append(k_hi + c0)
+    geom = record.source_geometry
+    p0, p1 = geom.zyx_to_lps(src_lo), geom.zyx_to_lps(src_hi)
+    return SourceBox(
+        normalized=tuple(vals),
+        grid_min=tuple(grid_lo),
+        grid_max=tuple(grid_hi),
+        source_min=tuple(src_lo),
+        source_max=tuple(src_hi),
+        mm_min=tuple(float(v) for v in p0),
+        mm_max=tuple(float(v) for v in p1),
+        mm_center=tuple(float(v) for v in (p0 + p1) / 2),
+    )
+
+
+# --------------------------------------------------------------------------------------------- masks
+
+
+def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
+    """For each of n_out source voxels, the model voxel (of n_in) it takes its value from."""
+    scale = n_out / n_in  # source voxels per model voxel
+    idx = np.floor((np.arange(n_out) + 0.5) / scale + 1e-9).astype(np.int64)
+    return np.clip(idx, 0, n_in - 1)
+
+
+def mask_to_source(mask: np.ndarray, record: PreprocessRecord) -> np.ndarray:
+    """Map a model-grid mask ``[32,256,256]`` (or ``[1,32,256,256]``) to the source grid (uint8, 0/1).
+
+    Nearest neighbour through the inverse of resize and crop; voxels outside the crop box are 0.
+    """
+    m = np.asarray(mask)
+    if m.ndim == 4 and m.shape[0] == 1:
+        m = m[0]
+    if tuple(m.shape) != tuple(record.target_shape):
+        raise StudyError(f"mask of shape {tuple(m.shape)}: expected {tuple(record.target_shape)}")
+    m = (m > 0.5) if m.dtype.kind == "f" else (m != 0)
+    cropped = [record.crop_stop[a] - record.crop_start[a] for a in range(3)]
+    iz, iy, ix = (_nearest_index(cropped[a], record.target_shape[a]) for a in range(3))
+    out = np.zeros(record.source_shape, dtype=np.uint8)
+    out[
+        record.crop_start[0] : record.crop_stop[0],
+        record.crop_start[1] : record.crop_stop[1],
+        record.crop_start[2] : record.crop_stop[2],
+    ] = m[np.ix_(iz, iy, ix)]
+    return out
+
+
+def write_nifti_mask(mask: np.ndarray, geometry: Geometry, path: Path | str) -> Path:
+    """Write a source-grid ``(z, y, x)`` mask as uint8 NIfTI with the source affine (RAS), atomically."""
+    import nibabel as nib
+
+    path = Path(path)
+    m = np.asarray(mask)
+    if tuple(m.shape) != tuple(geometry.shape):
+        raise StudyError(
+            f"{path.name}: mask shape {tuple(m.shape)} does not match the source {geometry.shape}"
+        )
+    data = np.ascontiguousarray((m != 0).astype(np.uint8).transpose(2, 1, 0))  # -> (x, y, z)
+    img = nib.Nifti1Image(data, geometry.affine_ras)
+    img.set_sform(geometry.affine_ras, code=1)
+    img.set_qform(geometry.affine_ras, code=1)
+    img.header.set_xyzt_units("mm")
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    with atomic_path(path) as tmp:
+        real_tmp = tmp.with_name(tmp.name + suffix)  # nibabel picks compression from the suffix
+        try:
+            nib.save(img, str(real_tmp))
+            real_tmp.replace(tmp)
+        finally:
+            if real_tmp.exists():
+                real_tmp.unlink()
+    return path
+
+
+def write_dicom_seg(
+    mask: np.ndarray,
+    study: Study,
+    path: Path | str,
+    label: str,
+    bundle_id: str,
+    bundle_version: str,
+    series_number: int = 901,
+) -> Path:
+    """Write a source-grid ``(z, y, x)`` mask as a BINARY DICOM Segmentation referencing the source series."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    path = Path(path)
+    name = f"series {study.series_number}" if study.series_number is not None else str(study.source_path)
+    if study.kind != "dicom" or not study.source_datasets:
+        raise StudyError(f"{name}: a DICOM SEG needs a DICOM source series (this study is {study.kind})")
+    if study.resampled:
+        raise StudyError(f"{name}: the series was resampled onto a uniform grid; a SEG cannot reference it")
+    m = (np.asarray(mask) != 0).astype(np.uint8)
+    if tuple(m.shape) != tuple(study.geometry.shape):
+        raise StudyError(
+            f"{name}: mask shape {tuple(m.shape)} does not match the series {study.geometry.shape}"
+        )
+
+    multiframe = "NumberOfFrames" in study.source_datasets[0] and len(study.source_datasets) == 1
+    if multiframe:
+        # pixel_array must follow the frame order of the single multi-frame source image
+        frames = np.zeros((int(study.source_datasets[0].NumberOfFrames),) + m.shape[1:], np.uint8)
+        for z, fn in enumerate(study.source_frame_numbers):
+            frames[int(fn) - 1] = m[z]
+        pixel_array = frames
+    elif len(study.source_datasets) == m.shape[0]:
+        pixel_array = m
+    else:
+        raise StudyError(f"{name}: SEG output for series of several multi-frame instances is not supported")
+
+    label = (" ".join(str(label).split()) or "segment").replace("\\", "/")[:64]
+    algo = hd.AlgorithmIdentificationSequence(
+        name=str(bundle_id)[:64],
+        family=codes.cid7162.ArtificialIntelligence,
+        version=str(bundle_version)[:64],
+    )
+    desc = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=label,
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.MorphologicallyAbnormalStructure,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algo,
+    )
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=list(study.source_datasets),
+            pixel_array=pixel_array,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[desc],
+            series_instance_uid=hd.UID(),
+            series_number=int(series_number),
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="m3d-edge",
+            manufacturer_model_name=str(bundle_id)[:64],
+            software_versions=str(bundle_version)[:64],
+            device_serial_number="0",
+            series_description="M3D segmentation",
+            omit_empty_frames=bool(m.any()),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise StudyError(f"{name}: cannot build a DICOM SEG: {exc}") from exc
+    with atomic_path(path) as tmp:
+        seg.save_as(tmp, enforce_file_format=True)
+    return path

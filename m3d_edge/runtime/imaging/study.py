@@ -1,0 +1,121 @@
+"""The :class:`Study` a model reads, and :func:`load_study`, the single entry point for every input kind."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from m3d_edge.errors import StudyError
+from m3d_edge.runtime.imaging.geometry import LPS_TO_RAS, TARGET_SHAPE, Geometry
+
+
+@dataclass
+class Study:
+    """One volume ready for preprocessing.
+
+    ``hu`` is float32 in ``(z, y, x)`` order: Hounsfield units, except for ``kind == "npy"``
+    (``preprocessed=True``) where it holds M3D's already-normalized ``32x256x256`` values in [0, 1].
+    For DICOM, slices are sorted by position along the slice normal (ascending), and
+    ``source_sop_instance_uids[z]`` / ``source_frame_numbers[z]`` (1-based, None for single-frame images)
+    name the source of slice ``z``; ``source_datasets`` are the header-only datasets of the source instances
+    in slice order (one per instance), as a DICOM SEG needs them. No patient identifiers are copied out of
+    the datasets into other fields.
+    """
+
+    hu: np.ndarray
+    geometry: Geometry
+    kind: str  # "dicom" | "nifti" | "npy"
+    source_path: Path
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    source_sop_instance_uids: list[str] = field(default_factory=list)
+    source_frame_numbers: list[int | None] = field(default_factory=list)
+    source_datasets: list[Any] = field(default_factory=list, repr=False)
+    preprocessed: bool = False
+    resampled: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def load_study(path: Path | str, series: str | None = None, allow_resample: bool = False) -> Study:
+    """Load a DICOM folder (or single DICOM file), a NIfTI file, or an M3D ``.npy`` volume.
+
+    ``series`` selects a DICOM series by SeriesInstanceUID, SeriesNumber or a description substring
+    (default: the axial CT series with the most slices). ``allow_resample`` lets a DICOM series with
+    missing slices or uneven spacing be resampled onto a uniform grid instead of being refused.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StudyError(f"{path}: no such file or folder")
+    name = path.name.lower()
+    if path.is_dir():
+        from m3d_edge.runtime.imaging.dicom import load_dicom
+
+        return load_dicom(path, series=series, allow_resample=allow_resample)
+    if name.endswith(".nii") or name.endswith(".nii.gz"):
+        return load_nifti(path)
+    if name.endswith(".npy"):
+        return load_npy(path)
+    from m3d_edge.runtime.imaging.dicom import is_dicom_file, load_dicom
+
+    if is_dicom_file(path):
+        return load_dicom(path, series=series, allow_resample=allow_resample)
+    raise StudyError(f"{path}: not a DICOM folder or file, NIfTI (.nii, .nii.gz) or M3D .npy volume")
+
+
+def load_nifti(path: Path | str) -> Study:
+    """NIfTI (RAS) -> Study in LPS; the array keeps its stored axis order, read as (x, y, z)."""
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise StudyError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise StudyError(f"{path}: NIfTI has shape {data.shape}; expected a 3D volume")
+    affine_ras = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine_ras).all() or abs(np.linalg.det(affine_ras[:3, :3])) < 1e-12:
+        raise StudyError(f"{path}: NIfTI affine is singular or not finite")
+    if not np.isfinite(data).all():
+        raise StudyError(f"{path}: NIfTI contains NaN or infinite values")
+    hu = np.ascontiguousarray(data.transpose(2, 1, 0))
+    geom = Geometry.from_affine(LPS_TO_RAS @ affine_ras, hu.shape)
+    return Study(hu=hu, geometry=geom, kind="nifti", source_path=path)
+
+
+def load_npy(path: Path | str) -> Study:
+    """M3D ``.npy``: ``1x32x256x256`` (or ``32x256x256``) float, already normalized to [0, 1]."""
+    path = Path(path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise StudyError(f"{path}: cannot read .npy ({type(exc).__name__}: {exc})") from exc
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if tuple(arr.shape) != TARGET_SHAPE:
+        raise StudyError(f"{path}: array of shape {arr.shape}; expected 1x32x256x256 or 32x256x256")
+    if arr.dtype.kind not in "fiu":
+        raise StudyError(f"{path}: array of dtype {arr.dtype}; expected a float volume")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise StudyError(f"{path}: array contains NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise StudyError(
+            f"{path}: values span [{lo:g}, {hi:g}]; an M3D .npy must already be normalized to [0, 1]"
+        )
+    return Study(
+        hu=np.ascontiguousarray(arr),
+        geometry=Geometry.identity(TARGET_SHAPE),
+        kind="npy",
+        source_path=path,
+        preprocessed=True,
+    )

@@ -1,0 +1,210 @@
+"""Study + question -> answer, box and mask, stitched from the bundle's graphs (DESIGN §4).
+
+    pipe = Pipeline.open("bundle/")
+    result = pipe.ask("ct_folder/", task="segment", target="liver")
+    print(result.text, result.box, result.mask.shape)
+
+Per study the image embeddings, the SegVol image embedding and the KV cache of the last prompt are kept,
+so further questions on the same study pay neither encoder again and reuse the shared prompt prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from m3d_edge.bundle import Manifest, read_manifest
+from m3d_edge.errors import BundleError, GenerationError, StudyError
+from m3d_edge.runtime.backend import BackendOptions, GraphSession
+from m3d_edge.runtime.generate import Decoder, KVCache, SamplingParams, generate
+from m3d_edge.runtime.prompts import SEG_TOKEN, TASKS, build_prompt, parse_box, question_for
+from m3d_edge.runtime.result import Result
+
+CACHE_ROUND = 256  # KV cache sizes are rounded up to this, so a chat rarely regrows it
+
+
+@dataclass
+class StudyState:
+    """What the pipeline remembers about one study between questions."""
+
+    key: str
+    image: np.ndarray  # [1, 1, D, H, W] float32 in [0, 1]
+    image_embeds: np.ndarray  # [1, N, H]
+    record: Any = None  # the imaging geometry record, when the study came from a file
+    study: Any = None  # the loaded study (for writing outputs on its grid)
+    seg_embedding: np.ndarray | None = None
+    cache: KVCache | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Pipeline:
+    """The torch-free M3D-LaMed runtime over one bundle."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, options: BackendOptions) -> None:
+        self.bundle, self.manifest, self.options = bundle, manifest, options
+        self.dims = manifest.dims
+        specs = manifest.specs()
+        self.sessions = {
+            name: GraphSession(bundle / manifest.graphs[name].file, spec, options) for name, spec in specs.items()
+        }
+        self.embed_table = np.load(bundle / manifest.embed["file"], mmap_mode="r", allow_pickle=False)
+        if tuple(self.embed_table.shape) != (self.dims.vocab_size, self.dims.hidden_size):
+            raise BundleError(f"{bundle / manifest.embed['file']}: shape {self.embed_table.shape} does not match the manifest")
+        self.tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer["file"]))
+        self.decoder = Decoder(self.sessions["decoder"], self.dims, self.embed_table)
+        ids = manifest.token_ids
+        self.seg_id, self.eos_ids = int(ids["seg"]), {int(i) for i in ids["eos"]}
+        self.state: StudyState | None = None
+
+    @classmethod
+    def open(cls, bundle: Path | str, options: BackendOptions | None = None, verify: bool = True) -> Pipeline:
+        """Load a bundle (hashes checked unless ``verify=False``) and create its sessions."""
+        bundle = Path(bundle)
+        return cls(bundle, read_manifest(bundle, verify=verify), options or BackendOptions())
+
+    # -- studies ---------------------------------------------------------------------------------
+    def prepare(self, study: Any, window: str = "m3d") -> StudyState:
+        """Load and preprocess a study (path or array) and run the vision graph, once per study."""
+        key = str(Path(study).resolve()) if isinstance(study, str | Path) else f"array:{id(study)}"
+        if self.state is not None and self.state.key == key:
+            return self.state
+        loaded = record = None
+        if isinstance(study, str | Path):
+            from m3d_edge.runtime.imaging import load_study, preprocess
+
+            loaded = load_study(study)
+            volume, record = preprocess(loaded, window=window)
+        else:
+            volume = np.asarray(study, dtype=np.float32)
+        image = volume.reshape(1, 1, *self.dims.image_size) if volume.size == np.prod(self.dims.image_size) else None
+        if image is None:
+            raise StudyError(f"{key}: volume of shape {volume.shape} is not {self.dims.image_size}")
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        t0 = time.perf_counter()
+        embeds = self.sessions["vision"].run({"image": image})["image_embeds"]
+        state = StudyState(key, image, embeds, record, loaded, timings={"vision": time.perf_counter() - t0})
+        self.state = state
+        return state
+
+    def seg_embedding(self, state: StudyState) -> np.ndarray:
+        if state.seg_embedding is None:
+            t0 = time.perf_counter()
+            state.seg_embedding = self.sessions["seg_encoder"].run({"image": state.image})["image_embedding"]
+            state.timings["seg_encoder"] = time.perf_counter() - t0
+        return state.seg_embedding
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def prompt_ids(self, question: str, space: bool = True) -> list[int]:
+        p = self.manifest.prompt
+        text = build_prompt(question, p["image_token"], p["num_image_tokens"], space)
+        return self.tokenizer.encode(text).ids
+
+    def embed(self, ids: list[int], image_embeds: np.ndarray) -> np.ndarray:
+        """Token embeddings with positions ``splice_start ..`` replaced by the image features (M3D's splice)."""
+        embeds = self.embed_table[np.asarray(ids)][None].astype(np.float32)
+        start, n = self.manifest.prompt["splice_start"], image_embeds.shape[1]
+        embeds[:, start : start + n] = image_embeds
+        return embeds
+
+    def decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # -- asking ----------------------------------------------------------------------------------
+    def ask(
+        self,
+        study: Any,
+        question: str | None = None,
+        *,
+        task: str | None = None,
+        target: str | None = None,
+        choices: list[str] | None = None,
+        box: tuple[float, ...] | None = None,
+        max_new_tokens: int | None = None,
+        sampling: SamplingParams | None = None,
+        stop_strings: tuple[str, ...] = (),
+        on_text: Callable[[str], None] | None = None,
+        window: str = "m3d",
+    ) -> Result:
+        """Answer one question on a study; ``task`` picks a preset (see ``TASKS``), else ``question`` is used."""
+        t_start = time.perf_counter()
+        space = True
+        if task is not None:
+            question = question_for(task, target if target is not None else question, choices, box)
+            space = TASKS[task].space
+        if not question:
+            raise StudyError("no question given (pass a question or a task)")
+        state = self.prepare(study, window)
+        ids = self.prompt_ids(question, space)
+        embeds = self.embed(ids, state.image_embeds)
+        max_new = int(max_new_tokens or self.manifest.generation["max_new_tokens"])
+        needed, limit = len(ids) + max_new, self.dims.context_length
+        if needed > limit:
+            raise GenerationError(
+                f"prompt of {len(ids)} tokens + max_new_tokens {max_new} exceeds the model's context length {limit}"
+            )
+        if state.cache is None or state.cache.max_len < needed:
+            state.cache = self.decoder.new_cache(min(limit, -(-needed // CACHE_ROUND) * CACHE_ROUND))
+        gen = generate(
+            self.decoder,
+            state.cache,
+            embeds,
+            ids,
+            max_new_tokens=max_new,
+            eos_ids=self.eos_ids,
+            params=sampling,
+            stop_strings=stop_strings,
+            decode=self.decode,
+            on_text=on_text,
+            keep_hidden=True,
+        )
+        text = self.decode(gen.tokens)
+        timings = {
+            "vision": state.timings.get("vision", 0.0),
+            "prefill": gen.prefill_seconds,
+            "decode_steps": gen.step_seconds,
+        }
+        mask, seg_hidden = None, self.seg_hidden(gen.tokens, gen.hidden)
+        if seg_hidden is not None:
+            emb = self.seg_embedding(state)
+            t0 = time.perf_counter()
+            logits = self.sessions["seg_decoder"].run({"image_embedding": emb, "seg_hidden": seg_hidden[None]})
+            timings["seg_encoder"] = state.timings["seg_encoder"]
+            timings["seg_decoder"] = time.perf_counter() - t0
+            mask = logits["mask_logits"][0, 0] > 0.0  # sigmoid(x) > 0.5
+        timings["total"] = time.perf_counter() - t_start
+        return Result(
+            question=question,
+            task=task,
+            text=text,
+            tokens=gen.tokens,
+            stop_reason=gen.stop_reason,
+            box=parse_box(self.decode(gen.tokens, skip_special_tokens=False)),
+            mask=mask,
+            timings=timings,
+            provenance=self.provenance(),
+            study=state.study,
+            record=state.record,
+        )
+
+    def seg_hidden(self, tokens: list[int], hidden: list[np.ndarray]) -> np.ndarray | None:
+        """M3D's rule: mean hidden state of the positions that predicted [SEG], skipping the first token."""
+        picks = [hidden[k] for k in range(1, len(tokens)) if tokens[k] == self.seg_id]
+        return np.mean(picks, axis=0).astype(np.float32) if picks else None
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "bundle_id": self.manifest.bundle_id,
+            "producer": self.manifest.producer,
+            "family": self.dims.family,
+            "provider": {name: s.provider for name, s in self.sessions.items()},
+            "precision": {name: g.precision for name, g in self.manifest.graphs.items()},
+        }
+
+
+__all__ = ["Pipeline", "Result", "SamplingParams", "SEG_TOKEN"]
