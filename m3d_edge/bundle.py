@@ -159,7 +159,20 @@ class GraphEntry:
     sha256: dict[str, str] = field(default_factory=dict)  # every file of the graph (model + external data)
     opset: int | None = None
     ir_version: int | None = None
-    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # other precisions: file, sha256, gate
+    variants: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # other precisions: file, sha256, report
+    default: str = "fp32"  # the precision the runtime runs unless told otherwise
+
+    def resolve(self, precision: str | None = None) -> tuple[str, str]:
+        """(file, precision) to run: ``precision`` if given, else the manifest's default."""
+        want = precision or self.default
+        if want == self.precision:
+            return self.file, want
+        if want not in self.variants:
+            have = ", ".join([self.precision, *self.variants])
+            raise BundleError(f"{self.file}: no {want} variant in this bundle (has {have})")
+        return self.variants[want]["file"], want
 
 
 @dataclass

@@ -47,7 +47,10 @@ def test_released_layout(tiny_checkpoints, family):
         assert key in state, key
     assert not any("qkv.bias" in k for k in state)  # MONAI ViT: qkv without bias
     if family == "phi3":
-        assert "model.layers.0.self_attn.qkv_proj.weight" in state and "model.layers.0.mlp.gate_up_proj.weight" in state
+        assert (
+            "model.layers.0.self_attn.qkv_proj.weight" in state
+            and "model.layers.0.mlp.gate_up_proj.weight" in state
+        )
         assert state["model.embed_tokens.weight"].shape[0] == 32015
     else:
         assert "model.layers.0.self_attn.q_proj.weight" in state

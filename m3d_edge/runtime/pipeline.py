@@ -46,16 +46,34 @@ class StudyState:
 class Pipeline:
     """The torch-free M3D-LaMed runtime over one bundle."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, options: BackendOptions) -> None:
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: Manifest,
+        options: BackendOptions,
+        precision: str | dict[str, str] | None = None,
+    ) -> None:
         self.bundle, self.manifest, self.options = bundle, manifest, options
         self.dims = manifest.dims
-        specs = manifest.specs()
-        self.sessions = {
-            name: GraphSession(bundle / manifest.graphs[name].file, spec, options) for name, spec in specs.items()
-        }
+        self.sessions: dict[str, GraphSession] = {}
+        self.precisions: dict[str, str] = {}
+        for name, spec in manifest.specs().items():
+            want = precision.get(name) if isinstance(precision, dict) else precision
+            if (
+                want
+                and want not in manifest.graphs[name].variants
+                and want != manifest.graphs[name].precision
+            ):
+                want = (
+                    None if not isinstance(precision, dict) and want != "fp32" else want
+                )  # a global override
+            file, self.precisions[name] = manifest.graphs[name].resolve(want)
+            self.sessions[name] = GraphSession(bundle / file, spec, options)
         self.embed_table = np.load(bundle / manifest.embed["file"], mmap_mode="r", allow_pickle=False)
         if tuple(self.embed_table.shape) != (self.dims.vocab_size, self.dims.hidden_size):
-            raise BundleError(f"{bundle / manifest.embed['file']}: shape {self.embed_table.shape} does not match the manifest")
+            raise BundleError(
+                f"{bundle / manifest.embed['file']}: shape {self.embed_table.shape} does not match the manifest"
+            )
         self.tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer["file"]))
         self.decoder = Decoder(self.sessions["decoder"], self.dims, self.embed_table)
         ids = manifest.token_ids
@@ -63,10 +81,20 @@ class Pipeline:
         self.state: StudyState | None = None
 
     @classmethod
-    def open(cls, bundle: Path | str, options: BackendOptions | None = None, verify: bool = True) -> Pipeline:
-        """Load a bundle (hashes checked unless ``verify=False``) and create its sessions."""
+    def open(
+        cls,
+        bundle: Path | str,
+        options: BackendOptions | None = None,
+        verify: bool = True,
+        precision: str | dict[str, str] | None = None,
+    ) -> Pipeline:
+        """Load a bundle (hashes checked unless ``verify=False``) and create its sessions.
+
+        ``precision`` overrides the manifest's choice: one name ("fp32", "int8", "int4") applies to every
+        graph that has it, a dict names it per graph (and must exist there).
+        """
         bundle = Path(bundle)
-        return cls(bundle, read_manifest(bundle, verify=verify), options or BackendOptions())
+        return cls(bundle, read_manifest(bundle, verify=verify), options or BackendOptions(), precision)
 
     # -- studies ---------------------------------------------------------------------------------
     def prepare(self, study: Any, window: str = "m3d") -> StudyState:
@@ -82,7 +110,11 @@ class Pipeline:
             volume, record = preprocess(loaded, window=window)
         else:
             volume = np.asarray(study, dtype=np.float32)
-        image = volume.reshape(1, 1, *self.dims.image_size) if volume.size == np.prod(self.dims.image_size) else None
+        image = (
+            volume.reshape(1, 1, *self.dims.image_size)
+            if volume.size == np.prod(self.dims.image_size)
+            else None
+        )
         if image is None:
             raise StudyError(f"{key}: volume of shape {volume.shape} is not {self.dims.image_size}")
         image = np.ascontiguousarray(image, dtype=np.float32)
@@ -173,7 +205,9 @@ class Pipeline:
         if seg_hidden is not None:
             emb = self.seg_embedding(state)
             t0 = time.perf_counter()
-            logits = self.sessions["seg_decoder"].run({"image_embedding": emb, "seg_hidden": seg_hidden[None]})
+            logits = self.sessions["seg_decoder"].run(
+                {"image_embedding": emb, "seg_hidden": seg_hidden[None]}
+            )
             timings["seg_encoder"] = state.timings["seg_encoder"]
             timings["seg_decoder"] = time.perf_counter() - t0
             mask = logits["mask_logits"][0, 0] > 0.0  # sigmoid(x) > 0.5
@@ -203,7 +237,7 @@ class Pipeline:
             "producer": self.manifest.producer,
             "family": self.dims.family,
             "provider": {name: s.provider for name, s in self.sessions.items()},
-            "precision": {name: g.precision for name, g in self.manifest.graphs.items()},
+            "precision": dict(self.precisions),
         }
 
 
