@@ -58,16 +58,12 @@ class Pipeline:
         self.sessions: dict[str, GraphSession] = {}
         self.precisions: dict[str, str] = {}
         for name, spec in manifest.specs().items():
-            want = precision.get(name) if isinstance(precision, dict) else precision
-            if (
-                want
-                and want not in manifest.graphs[name].variants
-                and want != manifest.graphs[name].precision
-            ):
-                want = (
-                    None if not isinstance(precision, dict) and want != "fp32" else want
-                )  # a global override
-            file, self.precisions[name] = manifest.graphs[name].resolve(want)
+            entry = manifest.graphs[name]
+            if isinstance(precision, dict):
+                want = precision.get(name)  # must exist: resolve() refuses a missing variant
+            else:  # one name for all: graphs without that variant keep their default
+                want = precision if precision in (entry.precision, *entry.variants) else None
+            file, self.precisions[name] = entry.resolve(want)
             self.sessions[name] = GraphSession(bundle / file, spec, options)
         self.embed_table = np.load(bundle / manifest.embed["file"], mmap_mode="r", allow_pickle=False)
         if tuple(self.embed_table.shape) != (self.dims.vocab_size, self.dims.hidden_size):
