@@ -218,6 +218,7 @@ class Pipeline:
             mask=mask,
             timings=timings,
             provenance=self.provenance(),
+            volume=state.image[0, 0],
             study=state.study,
             record=state.record,
         )

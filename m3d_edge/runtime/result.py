@@ -22,6 +22,7 @@ class Result:
     mask: np.ndarray | None  # bool [D, H, W] on the model grid
     timings: dict[str, Any]
     provenance: dict[str, Any]
+    volume: np.ndarray | None = None  # the model input [D, H, W] in [0, 1] (for previews)
     study: Any = None  # the loaded study, when the input was a file
     record: Any = None  # its preprocessing/geometry record
     outputs: dict[str, str] = field(default_factory=dict)  # written files (mask NIfTI, DICOM SEG, ...)
