@@ -52,7 +52,8 @@ class SpatialPoolingProjector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, d = x.shape
         x = x.transpose(1, 2).reshape(b, d, *self.grid)
-        x = F.avg_pool3d(x, kernel_size=self.pool, stride=self.pool)
+        # CPU torch has no bfloat16 avg_pool3d: pool in float32, keep the caller's dtype
+        x = F.avg_pool3d(x.float(), kernel_size=self.pool, stride=self.pool).to(x.dtype)
         return self.projector(x.flatten(2).transpose(1, 2))
 
 
