@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -56,28 +57,28 @@ Progress = Callable[[str, str], None]  # (graph name, event) where event is "sta
 
 
 def _export_graph(module: torch.nn.Module, spec: GraphSpec, args: tuple, path: Path) -> None:
+    """Trace one graph, cap its IR version and save it (weights as external data when large)."""
     import onnx
 
-    tmp = path.with_suffix(".tmp.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            args,
-            str(tmp),
-            input_names=spec.input_names(),
-            output_names=spec.output_names(),
-            dynamic_axes=spec.dynamic_axes(),
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    proto = onnx.load(str(tmp))
-    tmp.unlink()
-    for leftover in tmp.parent.glob(tmp.name + "*"):
-        leftover.unlink()
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmpdir:
+        tmp = Path(tmpdir) / path.name  # torch writes the weights of >2 GB graphs beside it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(tmp),
+                input_names=spec.input_names(),
+                output_names=spec.output_names(),
+                dynamic_axes=spec.dynamic_axes(),
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        proto = onnx.load(str(tmp))
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
-    large = proto.ByteSize() > EXTERNAL_DATA_BYTES
+    large = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
     data_name = f"{path.name}.data"
+    (path.parent / data_name).unlink(missing_ok=True)
     with atomic_path(path) as out:
         onnx.save(
             proto, str(out), save_as_external_data=large, all_tensors_to_one_file=True, location=data_name

@@ -80,6 +80,20 @@ def build_model(cfg: LamedConfig) -> nn.Module:
     return model.eval()
 
 
+def _materialize_buffers(model: nn.Module) -> None:
+    """Recreate computed (non-persistent) buffers left on the meta device, e.g. rotary frequencies."""
+    for name, module in model.named_modules():
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not hasattr(module, "config"):
+                raise ExportError(f"cannot materialize buffers of {name or 'model'}")
+            fresh = type(module)(config=module.config)
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], fresh)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ExportError(f"weights not loaded: {', '.join(left[:5])}")
+
+
 class LogitBias:
     """A transformers logits processor adding a fixed bias to chosen token ids (forces [SEG] in tests)."""
 
@@ -112,12 +126,17 @@ class ReferenceModel:
         ckpt = Path(ckpt)
         cfg = read_config(ckpt)
         state = load_state_dict(ckpt, allow_pickle)
-        model = build_model(cfg)
+        with torch.device("meta"):  # no random init, no second copy: the loaded tensors become the weights
+            model = build_model(cfg)
         expected = model.state_dict().keys()
-        if cfg.raw.get("tie_word_embeddings") and "lm_head.weight" not in state:
+        tied = cfg.raw.get("tie_word_embeddings") and "lm_head.weight" not in state
+        if tied:
             expected = [k for k in expected if k != "lm_head.weight"]
         check_keys(expected, state.keys(), ckpt)
-        model.load_state_dict(state, strict=False)
+        model.load_state_dict(state, strict=False, assign=True)
+        if tied:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        _materialize_buffers(model)
         return cls(model, cfg)
 
     @property
