@@ -159,9 +159,10 @@ class GraphEntry:
     sha256: dict[str, str] = field(default_factory=dict)  # every file of the graph (model + external data)
     opset: int | None = None
     ir_version: int | None = None
-    variants: dict[str, dict[str, Any]] = field(
-        default_factory=dict
-    )  # other precisions: file, sha256, report
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # the declaration, for readers of the manifest
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    # other precisions: {name: {"file", "sha256": {file: hash}, "report", ...}}
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     default: str = "fp32"  # the precision the runtime runs unless told otherwise
 
     def resolve(self, precision: str | None = None) -> tuple[str, str]:
@@ -206,6 +207,11 @@ class Manifest:
         return graph_specs(self.dims)
 
 
+def io_declaration(tensors: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
+    """A graph's inputs or outputs as they are written into the manifest."""
+    return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in tensors]
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -245,6 +251,14 @@ def read_manifest(bundle_dir: Path | str, verify: bool = True) -> Manifest:
         manifest = Manifest.from_dict(raw)
     except (TypeError, KeyError, ValueError) as e:
         raise BundleError(f"{path}: malformed manifest ({e})") from e
+    for name, spec in manifest.specs().items():
+        entry = manifest.graphs.get(name)
+        if entry is None:
+            raise BundleError(f"{path}: graph {name!r} is not listed")
+        if (entry.inputs, entry.outputs) != (io_declaration(spec.inputs), io_declaration(spec.outputs)):
+            raise BundleError(
+                f"{path}: the inputs/outputs recorded for {name!r} differ from this runtime's contract"
+            )
     if verify:
         verify_files(bundle_dir, manifest)
     return manifest

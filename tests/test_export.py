@@ -168,3 +168,21 @@ def test_not_a_bundle(tmp_path):
 def test_export_refuses_to_overwrite(tiny_bundles, tiny_checkpoints):
     with pytest.raises(ExportError, match="already holds a bundle"):
         export_bundle(tiny_checkpoints["phi3"], tiny_bundles["phi3"])
+
+
+def test_manifest_records_each_graph_declaration(tiny_bundles, tmp_path):
+    m = read_manifest(tiny_bundles["llama"])
+    dec = m.graphs["decoder"]
+    assert dec.inputs[0] == {"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "sequence", 64]}
+    assert dec.outputs[2]["name"] == "present.0.key" and dec.outputs[2]["shape"] == [
+        "sequence",
+        "batch",
+        4,
+        16,
+    ]
+    b = _copy(tiny_bundles["llama"], tmp_path)
+    raw = json.loads((b / MANIFEST).read_text())
+    raw["graphs"]["vision"]["outputs"][0]["name"] = "features"
+    (b / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="recorded for 'vision' differ"):
+        read_manifest(b, verify=False)

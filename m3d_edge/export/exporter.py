@@ -23,6 +23,7 @@ from m3d_edge.bundle import (
     GraphSpec,
     Manifest,
     graph_specs,
+    io_declaration,
     sha256_file,
     write_manifest,
 )
@@ -160,6 +161,8 @@ def export_bundle(
             sha256={f: sha256_file(out / f) for f in files},
             opset=OPSET,
             ir_version=MAX_IR_VERSION,
+            inputs=io_declaration(spec.inputs),
+            outputs=io_declaration(spec.outputs),
         )
         size = sum((out / f).stat().st_size for f in files)
         report.graphs.append(GraphReport(name, time.perf_counter() - t0, size, diff))
