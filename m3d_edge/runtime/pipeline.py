@@ -20,7 +20,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from m3d_edge.bundle import Manifest, read_manifest
-from m3d_edge.errors import BundleError, GenerationError, StudyError
+from m3d_edge.errors import BundleError, GenerationError, PromptError, StudyError
 from m3d_edge.runtime.backend import BackendOptions, GraphSession
 from m3d_edge.runtime.generate import Decoder, KVCache, SamplingParams, generate
 from m3d_edge.runtime.prompts import SEG_TOKEN, TASKS, build_prompt, parse_box, question_for
@@ -41,6 +41,10 @@ class StudyState:
     seg_embedding: np.ndarray | None = None
     cache: KVCache | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def _study_key(study: Any) -> str:
+    return str(Path(study).resolve()) if isinstance(study, str | Path) else f"array:{id(study)}"
 
 
 class Pipeline:
@@ -95,7 +99,7 @@ class Pipeline:
     # -- studies ---------------------------------------------------------------------------------
     def prepare(self, study: Any, window: str = "m3d") -> StudyState:
         """Load and preprocess a study (path or array) and run the vision graph, once per study."""
-        key = str(Path(study).resolve()) if isinstance(study, str | Path) else f"array:{id(study)}"
+        key = _study_key(study)
         if self.state is not None and self.state.key == key:
             return self.state
         loaded = record = None
@@ -166,7 +170,8 @@ class Pipeline:
             question = question_for(task, target if target is not None else question, choices, box)
             space = TASKS[task].space
         if not question:
-            raise StudyError("no question given (pass a question or a task)")
+            raise PromptError("no question given (pass a question or a task)")
+        cached = self.state is not None and self.state.key == _study_key(study)
         state = self.prepare(study, window)
         ids = self.prompt_ids(question, space)
         embeds = self.embed(ids, state.image_embeds)
@@ -192,19 +197,22 @@ class Pipeline:
             keep_hidden=True,
         )
         text = self.decode(gen.tokens)
+        # encoder times count only when this call ran the encoder (0 when the study's features were reused)
         timings = {
-            "vision": state.timings.get("vision", 0.0),
+            "vision": 0.0 if cached else state.timings["vision"],
             "prefill": gen.prefill_seconds,
             "decode_steps": gen.step_seconds,
+            "cached_study": cached,
         }
         mask, seg_hidden = None, self.seg_hidden(gen.tokens, gen.hidden)
         if seg_hidden is not None:
+            seg_cached = state.seg_embedding is not None
             emb = self.seg_embedding(state)
             t0 = time.perf_counter()
             logits = self.sessions["seg_decoder"].run(
                 {"image_embedding": emb, "seg_hidden": seg_hidden[None]}
             )
-            timings["seg_encoder"] = state.timings["seg_encoder"]
+            timings["seg_encoder"] = 0.0 if seg_cached else state.timings["seg_encoder"]
             timings["seg_decoder"] = time.perf_counter() - t0
             mask = logits["mask_logits"][0, 0] > 0.0  # sigmoid(x) > 0.5
         timings["total"] = time.perf_counter() - t_start
@@ -221,6 +229,7 @@ class Pipeline:
             volume=state.image[0, 0],
             study=state.study,
             record=state.record,
+            target=target if task is not None else None,
         )
 
     def seg_hidden(self, tokens: list[int], hidden: list[np.ndarray]) -> np.ndarray | None:

@@ -1,0 +1,264 @@
+"""Shared pieces of the CLI: consoles, error handling, option parsing and result display."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from m3d_edge.errors import M3DEdgeError, PromptError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+STATE: dict[str, Any] = {"debug": False}
+EXIT_INTERRUPTED = 130
+EXIT_BATCH_PARTIAL = 10  # batch: some studies failed, the others were written (8 is CalibrationError)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def debug_enabled() -> bool:
+    return bool(STATE["debug"]) or os.environ.get("M3D_EDGE_DEBUG", "") not in ("", "0")
+
+
+def error_line(message: str) -> None:
+    """One red line on stderr, never wrapped."""
+    text = " ".join(str(message).split())
+    err_console.print(Text(f"error: {text}", style="bold red"), soft_wrap=True)
+
+
+def note(message: str, style: str = "yellow") -> None:
+    err_console.print(Text(message, style=style), soft_wrap=True)
+
+
+def handle_errors(func: F) -> F:
+    """Turn :class:`M3DEdgeError` into ``error: <message>`` and its exit code; tracebacks only with --debug."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except M3DEdgeError as exc:
+            if debug_enabled():
+                raise
+            error_line(str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            error_line("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:  # anything unforeseen: one line, exit 1
+            if debug_enabled():
+                raise
+            error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+def parse_box(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        box = tuple(float(v) for v in text.replace(" ", "").strip("[]()").split(","))
+    except ValueError:
+        raise PromptError(f"--box {text!r}: expected six numbers d1,h1,w1,d2,h2,w2 in [0, 1]") from None
+    if len(box) != 6 or not all(0.0 <= v <= 1.0 for v in box):
+        raise PromptError(f"--box {text!r}: expected six numbers d1,h1,w1,d2,h2,w2 in [0, 1]")
+    return box
+
+
+def task_request(
+    task: str | None,
+    target: str | None,
+    question: str | None,
+    choices: list[str] | None,
+    box: str | None,
+) -> dict[str, Any]:
+    """Validate the task options before any model is loaded; returns the keyword arguments of ``ask``."""
+    from m3d_edge.runtime.prompts import question_for
+
+    parsed_box = parse_box(box)
+    if task is None:
+        if not (question and question.strip()):
+            raise PromptError("give --task NAME (with --target/--question) or a free --question")
+        return {"question": question, "task": None, "target": None, "choices": None, "box": None}
+    question_for(task, target if target is not None else question, choices or None, parsed_box)
+    return {
+        "question": question,
+        "task": task,
+        "target": target,
+        "choices": list(choices) if choices else None,
+        "box": parsed_box,
+    }
+
+
+def backend_options(provider: str, threads: int):
+    from m3d_edge.runtime.backend import BackendOptions
+
+    return BackendOptions(provider=provider, threads=threads)
+
+
+def open_pipeline(bundle: Path, precision: str | None, threads: int, provider: str):
+    from m3d_edge.runtime.pipeline import Pipeline
+
+    precision = getattr(precision, "value", precision)
+    provider = getattr(provider, "value", provider)
+    return Pipeline.open(bundle, backend_options(provider, threads), precision=precision)
+
+
+def sampling_params(
+    sample: bool,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    logit_bias: dict[int, float] | None = None,
+):
+    from m3d_edge.runtime.generate import SamplingParams
+
+    if sample and temperature <= 0:
+        raise PromptError(f"--temperature {temperature}: must be > 0 when sampling")
+    if not 0 < top_p <= 1:
+        raise PromptError(f"--top-p {top_p}: must be in (0, 1]")
+    return SamplingParams(
+        do_sample=sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        logit_bias=dict(logit_bias or {}),
+    )
+
+
+def stream_writer(to_stderr: bool = False) -> Callable[[str], None]:
+    def write(delta: str) -> None:
+        out = sys.stderr if to_stderr else sys.stdout
+        out.write(delta)
+        out.flush()
+
+    return write
+
+
+# ------------------------------------------------------------------------------------------ display
+
+
+def fmt_s(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def fmt_bytes(n: int | float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def fmt_vec(v: list[float] | tuple[float, ...], nd: int = 1) -> str:
+    return "[" + ", ".join(f"{x:.{nd}f}" if isinstance(x, float) else str(x) for x in v) + "]"
+
+
+def timings_line(t: dict[str, Any]) -> str:
+    parts = [f"vision {fmt_s(t.get('vision'))}", f"prefill {fmt_s(t.get('prefill'))}"]
+    tps = t.get("decode_tokens_per_s")
+    parts.append(
+        f"decode {t.get('decode_steps', 0)} steps {fmt_s(t.get('decode_seconds'))}"
+        + (f" ({tps:.0f} tok/s)" if tps else "")
+    )
+    if t.get("seg_encoder") is not None:
+        parts.append(f"seg encoder {fmt_s(t.get('seg_encoder'))}")
+    if t.get("seg_decoder") is not None:
+        parts.append(f"seg decoder {fmt_s(t.get('seg_decoder'))}")
+    parts.append(f"total {fmt_s(t.get('total'))}")
+    return " · ".join(parts)
+
+
+def show_result(result, title: str | None = None) -> None:
+    """A human-readable view of one result (the JSON holds everything)."""
+    d = result.to_dict()
+    if title:
+        console.rule(Text(title, style="bold"))
+    console.print(Text("question: ", style="bold").append(Text(d["question"], style="")), soft_wrap=True)
+    console.print(Text("answer:   ", style="bold").append(Text(d["text"] or "(empty)")), soft_wrap=True)
+    console.print(f"[dim]{len(d['tokens'])} tokens, stopped on {d['stop_reason']}[/dim]")
+    box = d["box"]
+    if box:
+        console.print(f"[bold]box[/bold] normalized {fmt_vec(box['normalized'], 3)}")
+        sv = box["source_voxels"]
+        console.print(f"    source voxels (z,y,x) {sv['min']} .. {sv['max']}")
+        if box["patient_mm_lps"]:
+            mm = box["patient_mm_lps"]
+            console.print(
+                f"    patient LPS mm {fmt_vec(mm['min'])} .. {fmt_vec(mm['max'])}, centre {fmt_vec(mm['center'])}"
+            )
+    elif result.task == "locate":
+        console.print("[dim]no box in the answer[/dim]")
+    mask = d["mask"]
+    if mask:
+        src = f", {mask['source_voxels']} on the source grid" if mask["source_voxels"] is not None else ""
+        console.print(f"[bold]mask[/bold] {mask['voxels']} voxels on the model grid{src}")
+    elif result.task in ("segment", "refer_segment"):
+        console.print("[dim]no [SEG] token in the answer: no mask[/dim]")
+    for kind, path in d["outputs"].items():
+        console.print(Text(f"wrote {kind}: {path}", style="green"), soft_wrap=True)
+    for n in d["notes"]:
+        note(n)
+    console.print(f"[dim]{timings_line(d['timings'])}[/dim]", soft_wrap=True)
+
+
+def latency_table(rows: list[tuple[str, dict[str, Any]]], title: str = "latency") -> Table:
+    table = Table(title=title)
+    for col in ("task", "vision", "seg enc", "prefill", "decode", "tok/s", "seg dec", "total"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for name, t in rows:
+        tps = t.get("decode_tokens_per_s")
+        table.add_row(
+            name,
+            fmt_s(t.get("vision")),
+            fmt_s(t.get("seg_encoder")),
+            fmt_s(t.get("prefill")),
+            f"{t.get('decode_steps', 0)} / {fmt_s(t.get('decode_seconds'))}",
+            f"{tps:.0f}" if tps else "-",
+            fmt_s(t.get("seg_decoder")),
+            fmt_s(t.get("total")),
+        )
+    return table
+
+
+def preview(results: list, out_dir: Path, title: str | None = None) -> Path | None:
+    """Montages and an HTML report through :mod:`m3d_edge.runtime.report`, when that module is present."""
+    try:
+        from m3d_edge.runtime.report import render_montage, write_study_report
+    except ImportError:
+        note("preview skipped: m3d_edge.runtime.report is not available in this installation")
+        return None
+    try:
+        montages = []
+        for i, r in enumerate(results):
+            stem = r.task or "result"
+            name = f"{stem}_montage.png" if len(results) > 1 else "montage.png"
+            if len(results) > 1 and sum(1 for x in results if (x.task or "result") == stem) > 1:
+                name = f"{stem}{i}_montage.png"
+            montages.append(render_montage(r, Path(out_dir) / name))
+        return write_study_report(results, Path(out_dir), montages=montages, title=title)
+    except Exception as exc:  # a preview is a bonus: the results are already written
+        if debug_enabled():
+            raise
+        note(f"preview failed ({type(exc).__name__}: {exc}); the results are written")
+        return None

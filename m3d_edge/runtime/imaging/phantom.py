@@ -1,0 +1,114 @@
+"""A synthetic CT series for demos and tests: body ellipse, liver-like and tumour-like blobs, in HU.
+
+    folder = write_phantom_series("phantom/")      # 40 slices of 128x128, CT Image Storage
+    study = load_study(folder)
+
+Deterministic: the same arguments give the same pixels and the same UIDs (``generate_uid`` seeded from
+the arguments). The only patient attributes are ``PatientName = PatientID = "PHANTOM"``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from m3d_edge.fileio import atomic_path
+
+PIXEL_SPACING_MM = 2.5
+SLICE_THICKNESS_MM = 5.0
+ORIGIN_LPS = (-160.0, -160.0, -100.0)
+
+
+def phantom_hu(slices: int = 40, rows: int = 128, cols: int = 128, seed: int = 0) -> np.ndarray:
+    """The phantom volume in HU, int16 ``(z, y, x)``: air, fat rim, soft tissue, liver, tumour, spine."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(
+        np.linspace(-1, 1, slices), np.linspace(-1, 1, rows), np.linspace(-1, 1, cols), indexing="ij"
+    )
+    hu = np.full((slices, rows, cols), -1000.0)
+    body = (x / 0.85) ** 2 + (y / 0.62) ** 2 < 1
+    hu[body] = -100.0  # subcutaneous fat
+    hu[(x / 0.78) ** 2 + (y / 0.55) ** 2 < 1] = 40.0  # soft tissue
+    # patient's right is image left (LPS, column direction +x = patient left): liver on the image left
+    liver = ((x + 0.35) / 0.33) ** 2 + ((y + 0.05) / 0.33) ** 2 + (z / 0.75) ** 2 < 1
+    hu[liver] = 60.0
+    tumour = ((x + 0.42) / 0.1) ** 2 + ((y + 0.1) / 0.1) ** 2 + ((z - 0.1) / 0.25) ** 2 < 1
+    hu[tumour] = 10.0  # hypodense lesion inside the liver
+    spine = (x / 0.09) ** 2 + ((y - 0.42) / 0.09) ** 2 < 1
+    hu[spine] = 700.0
+    kidney = ((x - 0.4) / 0.1) ** 2 + ((y - 0.2) / 0.15) ** 2 + (z / 0.5) ** 2 < 1
+    hu[kidney] = 150.0
+    hu[body] += rng.normal(0.0, 12.0, size=int(body.sum()))
+    return np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+
+
+def write_phantom_series(
+    out_dir: Path | str, *, slices: int = 40, rows: int = 128, cols: int = 128, seed: int = 0
+) -> Path:
+    """Write the phantom as CT Image Storage files ``CT0001.dcm ..`` into ``out_dir``; returns ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hu = phantom_hu(slices, rows, cols, seed)
+    key = f"m3d-edge-phantom/{slices}x{rows}x{cols}/{seed}"
+    study_uid = generate_uid(entropy_srcs=[key, "study"])
+    series_uid = generate_uid(entropy_srcs=[key, "series"])
+    frame_uid = generate_uid(entropy_srcs=[key, "frame-of-reference"])
+    for k in range(slices):
+        sop_uid = generate_uid(entropy_srcs=[key, "instance", str(k)])
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PatientName = "PHANTOM^"  # a one-component name; the caret keeps it unambiguous
+        ds.PatientID = "PHANTOM"
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.StudyDate = "20240101"
+        ds.StudyTime = "120000"
+        ds.SeriesDate = "20240101"
+        ds.SeriesTime = "120000"
+        ds.AccessionNumber = ""
+        ds.ReferringPhysicianName = ""
+        ds.StudyID = "1"
+        ds.Modality = "CT"
+        ds.Manufacturer = "m3d-edge phantom"
+        ds.SeriesNumber = 1
+        ds.SeriesDescription = "synthetic abdomen phantom"
+        ds.InstanceNumber = k + 1
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        pos = (ORIGIN_LPS[0], ORIGIN_LPS[1], ORIGIN_LPS[2] + k * SLICE_THICKNESS_MM)
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        ds.PixelSpacing = [f"{PIXEL_SPACING_MM:g}", f"{PIXEL_SPACING_MM:g}"]
+        ds.SliceThickness = f"{SLICE_THICKNESS_MM:g}"
+        ds.SliceLocation = f"{pos[2]:.4f}"
+        ds.PositionReferenceIndicator = ""
+        ds.PatientPosition = "HFS"
+        ds.KVP = "120"
+        ds.BodyPartExamined = "ABDOMEN"
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = rows, cols
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.RescaleIntercept = "-1024"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        ds.WindowCenter = "40"
+        ds.WindowWidth = "400"
+        ds.PixelData = (hu[k].astype(np.int32) + 1024).astype(np.uint16).tobytes()
+        with atomic_path(out / f"CT{k + 1:04d}.dcm") as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
+    return out
