@@ -3,6 +3,13 @@
 A :class:`GraphSession` runs one graph: ``run(inputs) -> outputs`` with named numpy tensors, or
 ``run_bound(inputs, outputs)`` which binds caller-owned, preallocated numpy buffers to both sides through
 ORT IO binding, so the generation loop neither allocates nor copies per token.
+
+Providers: ``cpu`` (default), ``cuda`` and ``tensorrt`` (ONNX Runtime's TensorRT execution provider, which
+builds and caches its own engines; the native TensorRT backend is :mod:`m3d_edge.runtime.trt_backend`).
+The GPU options (device id, FP16/INT8 switches, engine and timing cache folder, workspace) become the
+provider-options dicts of :meth:`BackendOptions.providers`; after creating a session we check
+``session.get_providers()`` and refuse loudly when the requested provider is not the one running
+(onnxruntime-gpu silently falls back to CPU without a driver).
 """
 
 from __future__ import annotations
@@ -33,12 +40,62 @@ OPT_LEVELS = {
 }
 
 
+ORT_TRT_CACHE = "engines/ort-trt"  # default TensorRT EP engine/timing cache folder, inside the bundle
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     provider: str = "cpu"  # cpu | cuda | tensorrt
     threads: int = 0  # 0 = onnxruntime's default
     optimization: str = "all"
     profile_dir: Path | None = None  # write an ORT profile per session there
+    # GPU execution providers (ignored on cpu)
+    device_id: int = 0
+    fp16: bool = False  # tensorrt: let TensorRT pick FP16 kernels (trt_fp16_enable)
+    int8: bool = False  # tensorrt: INT8 kernels for QDQ graphs (trt_int8_enable)
+    engine_cache_dir: Path | None = (
+        None  # tensorrt: engine + timing cache folder (default: bundle/engines/ort-trt)
+    )
+    workspace_gb: float | None = None  # tensorrt: builder workspace limit (None: onnxruntime's default)
+    gpu_mem_limit_gb: float | None = None  # cuda: arena limit (None: onnxruntime's default)
+
+    def cuda_options(self) -> dict[str, object]:
+        """CUDAExecutionProvider options (names from onnxruntime's CUDA EP documentation)."""
+        opts: dict[str, object] = {"device_id": self.device_id}
+        if self.gpu_mem_limit_gb:
+            opts["gpu_mem_limit"] = int(self.gpu_mem_limit_gb * (1 << 30))
+        return opts
+
+    def tensorrt_options(self, cache_dir: Path | None = None) -> dict[str, object]:
+        """TensorrtExecutionProvider options (onnxruntime's ``trt_*`` provider options)."""
+        folder = Path(self.engine_cache_dir or cache_dir or ORT_TRT_CACHE)
+        opts: dict[str, object] = {
+            "device_id": self.device_id,
+            "trt_fp16_enable": self.fp16,
+            "trt_int8_enable": self.int8,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(folder),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(folder),
+        }
+        if self.workspace_gb:
+            opts["trt_max_workspace_size"] = int(self.workspace_gb * (1 << 30))
+        return opts
+
+    def providers(self, cache_dir: Path | None = None) -> list[tuple[str, dict[str, object]]]:
+        """(provider, options) in priority order, as ``InferenceSession(providers=...)`` takes them.
+
+        TensorRT falls back to CUDA for nodes it does not take, then CPU; CUDA falls back to CPU.
+        """
+        if self.provider not in PROVIDERS:
+            raise BackendError(f"unknown provider {self.provider!r} (choose from {', '.join(PROVIDERS)})")
+        chain: list[tuple[str, dict[str, object]]] = []
+        if self.provider == "tensorrt":
+            chain.append((PROVIDERS["tensorrt"], self.tensorrt_options(cache_dir)))
+        if self.provider in ("tensorrt", "cuda"):
+            chain.append((PROVIDERS["cuda"], self.cuda_options()))
+        chain.append((PROVIDERS["cpu"], {}))
+        return chain
 
     def session_options(self, name: str) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -69,16 +126,25 @@ class GraphSession:
                 f"{options.provider}: onnxruntime here has no {wanted} (available: "
                 f"{', '.join(ort.get_available_providers())}); install m3d-edge[gpu] on a machine with a GPU"
             )
-        providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
+        available = set(ort.get_available_providers())
+        chain = [(p, o) for p, o in options.providers(Path(path).parent / ORT_TRT_CACHE) if p in available]
+        if options.provider == "tensorrt":
+            Path(chain[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
         try:
             self.session = ort.InferenceSession(
-                str(path), sess_options=options.session_options(spec.name), providers=providers
+                str(path),
+                sess_options=options.session_options(spec.name),
+                providers=[p for p, _ in chain],
+                provider_options=[o for _, o in chain],
             )
         except Exception as e:  # onnxruntime raises its own untyped errors
             raise BackendError(f"{path}: onnxruntime cannot load the graph ({e})") from e
         running = self.session.get_providers()
         if running[0] != wanted:
-            raise BackendError(f"{path}: asked for {wanted} but onnxruntime runs {running[0]}")
+            raise BackendError(
+                f"{path}: asked for {wanted} but onnxruntime runs {running[0]} (no usable GPU/driver, or the "
+                f"provider failed to initialise; see onnxruntime's log)"
+            )
         names = [i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()]
         if names != (spec.input_names(), spec.output_names()):
             raise BackendError(
