@@ -319,3 +319,14 @@ def test_demo_end_to_end(tmp_path):
     seg = json.loads((res / "segment.json").read_text())
     assert seg["mask"]["files"] == {"nifti": "segment_mask.nii.gz", "seg": "segment_seg.dcm"}
     assert seg["study"]["kind"] == "dicom"
+
+
+def test_build_engines_and_trt_provider_refuse_without_tensorrt(bundle, npy_study):
+    pytest.importorskip("onnxruntime")
+    if "tensorrt" in sys.modules or __import__("importlib").util.find_spec("tensorrt"):
+        pytest.skip("tensorrt is installed here")
+    res = runner.invoke(app, ["build-engines", str(bundle)])
+    assert res.exit_code == 5
+    assert "pip install m3d-edge[gpu]" in res.output and len(res.output.strip().splitlines()) == 1
+    res = runner.invoke(app, ["run", str(bundle), str(npy_study), "--task", "report", "--provider", "trt"])
+    assert res.exit_code == 5 and "tensorrt" in res.output

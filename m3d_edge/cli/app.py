@@ -62,6 +62,7 @@ class Provider(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
     tensorrt = "tensorrt"
+    trt = "trt"  # native TensorRT engines built by `m3d-edge build-engines`
 
 
 class Precision(str, Enum):
@@ -849,6 +850,59 @@ def calibrate(
             console.print_json(json.dumps(payload, default=str))
         except (TypeError, ValueError):
             console.print(Text(str(payload)))
+
+
+@app.command(
+    "build-engines",
+    epilog=_epilog(
+        "m3d-edge build-engines ./bundle",
+        "m3d-edge build-engines ./bundle --int8 --max-seq 1024 --workspace-gb 8",
+    ),
+)
+@handle_errors
+def build_engines_cmd(
+    bundle: Path = BundleArg,
+    fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Build FP16 engines."),
+    int8: bool = typer.Option(
+        False, "--int8", help="Also build INT8 engines from the bundle's QDQ variants."
+    ),
+    workspace_gb: float = typer.Option(4.0, "--workspace-gb", help="TensorRT builder workspace limit."),
+    max_batch: int = typer.Option(1, "--max-batch", min=1, help="Largest batch the engines accept."),
+    max_seq: int = typer.Option(
+        None, "--max-seq", help="Longest prefill chunk (default: the context length)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Rebuild even when a plan is up to date."),
+) -> None:
+    """Build TensorRT engines for this GPU into BUNDLE/engines/ (needs the `gpu` extra and an NVIDIA GPU).
+
+    Run them with `m3d-edge run BUNDLE STUDY --provider trt`.
+    """
+    from m3d_edge.export.engines import build_engines
+
+    with console.status("building TensorRT engines ...") as status:
+
+        def progress(name: str, event: str) -> None:
+            status.update(Text(f"{name}: {event}"))
+            if "/" not in name and ("done" in event or "up to date" in event):
+                console.print(f"[green]✓[/green] {name}: {event}")
+
+        infos = build_engines(
+            bundle,
+            fp16=fp16,
+            int8=int8,
+            workspace_gb=workspace_gb,
+            max_batch=max_batch,
+            max_seq=max_seq,
+            progress=progress,
+            force=force,
+        )
+    table = Table(title=f"TensorRT engines of {bundle}")
+    for col in ("graph", "precision", "from", "size", "seconds", "note"):
+        table.add_column(col)
+    for i in infos:
+        seconds = "reused" if i.reused else f"{i.seconds:.1f}"
+        table.add_row(i.graph, i.precision, i.source, fmt_bytes(i.bytes), seconds, i.note)
+    console.print(table)
 
 
 def main() -> None:

@@ -59,26 +59,44 @@ class Pipeline:
     ) -> None:
         self.bundle, self.manifest, self.options = bundle, manifest, options
         self.dims = manifest.dims
-        self.sessions: dict[str, GraphSession] = {}
-        self.precisions: dict[str, str] = {}
-        for name, spec in manifest.specs().items():
-            entry = manifest.graphs[name]
-            if isinstance(precision, dict):
-                want = precision.get(name)  # must exist: resolve() refuses a missing variant
-            else:  # one name for all: graphs without that variant keep their default
-                want = precision if precision in (entry.precision, *entry.variants) else None
-            file, self.precisions[name] = entry.resolve(want)
-            self.sessions[name] = GraphSession(bundle / file, spec, options)
         self.embed_table = np.load(bundle / manifest.embed["file"], mmap_mode="r", allow_pickle=False)
         if tuple(self.embed_table.shape) != (self.dims.vocab_size, self.dims.hidden_size):
             raise BundleError(
                 f"{bundle / manifest.embed['file']}: shape {self.embed_table.shape} does not match the manifest"
             )
         self.tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer["file"]))
-        self.decoder = Decoder(self.sessions["decoder"], self.dims, self.embed_table)
+        if options.provider == "trt":
+            self._open_engines(precision)
+        else:
+            self._open_sessions(precision)
         ids = manifest.token_ids
         self.seg_id, self.eos_ids = int(ids["seg"]), {int(i) for i in ids["eos"]}
         self.state: StudyState | None = None
+
+    def _open_sessions(self, precision: str | dict[str, str] | None) -> None:
+        """ONNX Runtime sessions, each graph at the precision asked for or the manifest's default."""
+        self.sessions: dict[str, Any] = {}
+        self.precisions: dict[str, str] = {}
+        for name, spec in self.manifest.specs().items():
+            entry = self.manifest.graphs[name]
+            if isinstance(precision, dict):
+                want = precision.get(name)  # must exist: resolve() refuses a missing variant
+            else:  # one name for all: graphs without that variant keep their default
+                want = precision if precision in (entry.precision, *entry.variants) else None
+            file, self.precisions[name] = entry.resolve(want)
+            self.sessions[name] = GraphSession(self.bundle / file, spec, self.options)
+        self.decoder = Decoder(self.sessions["decoder"], self.dims, self.embed_table)
+
+    def _open_engines(self, precision: str | dict[str, str] | None) -> None:
+        """Native TensorRT plans built by ``m3d-edge build-engines`` for this GPU (KV cache on the device)."""
+        from m3d_edge.runtime.trt_backend import open_engines
+
+        want = precision if isinstance(precision, str) else "fp16"
+        sessions, self.decoder, _ = open_engines(
+            self.bundle, want, self.dims, self.manifest.specs(), self.embed_table, self.options.device_id
+        )
+        self.sessions = {**sessions, "decoder": self.decoder}
+        self.precisions = dict.fromkeys(self.manifest.specs(), want)
 
     @classmethod
     def open(
