@@ -39,7 +39,7 @@ def test_encoder_graphs_match_torch(tiny_bundles, references, family, graph):
         args = tuple(torch.rand_like(a) if a.is_floating_point() else a for a in args)  # fresh inputs
         with torch.no_grad():
             want = module(*args).numpy()
-        got = _session(bundle, graph).run(None, {n: a.numpy() for n, a in zip(spec.input_names(), args)})[0]
+        got = _session(bundle, graph).run(None, {n: a.numpy() for n, a in zip(spec.input_names(), args, strict=True)})[0]
         assert got.shape == want.shape
         assert np.abs(got - want).max() <= TOL
 
@@ -89,7 +89,7 @@ def test_decoder_steps_with_cache_equal_full_recompute(tiny_bundles, references,
     length, step_logits = 0, []
     for chunk in (slice(0, 6), slice(6, 7), slice(7, 8), slice(8, 9), slice(9, 10)):
         out = sess.run(None, _decoder_feeds(dims, embeds[:, chunk], kv, length))
-        kv = [np.concatenate([k, new]) for k, new in zip(kv, out[2:])]
+        kv = [np.concatenate([k, new]) for k, new in zip(kv, out[2:], strict=True)]
         length += chunk.stop - chunk.start
         step_logits.append(out[0])
     with torch.no_grad():
