@@ -39,7 +39,9 @@ def test_encoder_graphs_match_torch(tiny_bundles, references, family, graph):
         args = tuple(torch.rand_like(a) if a.is_floating_point() else a for a in args)  # fresh inputs
         with torch.no_grad():
             want = module(*args).numpy()
-        got = _session(bundle, graph).run(None, {n: a.numpy() for n, a in zip(spec.input_names(), args, strict=True)})[0]
+        got = _session(bundle, graph).run(
+            None, {n: a.numpy() for n, a in zip(spec.input_names(), args, strict=True)}
+        )[0]
         assert got.shape == want.shape
         assert np.abs(got - want).max() <= TOL
 
