@@ -43,6 +43,12 @@ class GenerationError(M3DEdgeError):
     exit_code = 7
 
 
+class CalibrationError(M3DEdgeError):
+    """INT8/INT4 calibration cannot run (no usable data, bad arguments, a quantizer failure)."""
+
+    exit_code = 8
+
+
 class PromptError(M3DEdgeError, ValueError):
     """A task was asked with a missing or malformed argument."""
 
