@@ -112,3 +112,16 @@ def write_phantom_series(
         with atomic_path(out / f"CT{k + 1:04d}.dcm") as tmp:
             ds.save_as(tmp, enforce_file_format=True)
     return out
+
+
+def ct_like_volume(seed: int = 0) -> np.ndarray:
+    """A deterministic CT-like [32, 256, 256] volume in [0, 1]: body ellipse, organs, mild noise."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(
+        np.linspace(-1, 1, 32), np.linspace(-1, 1, 256), np.linspace(-1, 1, 256), indexing="ij"
+    )
+    vol = np.where((x / 0.85) ** 2 + (y / 0.65) ** 2 < 1, 0.45, 0.0)
+    vol = vol + np.where(((x - 0.3) / 0.25) ** 2 + (y / 0.3) ** 2 + (z / 0.8) ** 2 < 1, 0.15, 0.0)
+    vol = vol + np.where(((x + 0.35) / 0.2) ** 2 + ((y + 0.1) / 0.25) ** 2 < 1, -0.25, 0.0)
+    vol = vol + 0.03 * rng.standard_normal(vol.shape)
+    return np.clip(vol, 0, 1).astype(np.float32)
