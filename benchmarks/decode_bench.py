@@ -131,6 +131,50 @@ def run_torch(ckpt: Path, threads: int, runs: int, bf16: bool) -> dict:
     }
 
 
+def run_genai(model_dir: Path, bundle: Path, threads: int, runs: int) -> dict:
+    """onnxruntime-genai as a peer on the same decoder weights (its builder's FP32 CPU model).
+
+    genai needs ``input_ids`` (it cannot take spliced embeddings), so it gets the same token ids with the
+    256 image tokens embedded as tokens: the work per step is the same.
+    """
+    import onnxruntime_genai as og
+    from tokenizers import Tokenizer
+
+    from m3d_edge.runtime.prompts import build_prompt
+
+    tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    ids = tok.encode(build_prompt(QUESTION, "<im_patch>", 256)).ids
+    config = og.Config(str(model_dir))
+    config.clear_providers()
+    model = og.Model(config)
+    ttft, decode = [], []
+    for i in range(runs + 1):
+        params = og.GeneratorParams(model)
+        params.set_search_options(
+            do_sample=False, max_length=len(ids) + NEW_TOKENS, min_length=len(ids) + NEW_TOKENS
+        )
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens([ids])
+        gen.generate_next_token()
+        t_first = time.perf_counter() - t0
+        n = 1
+        while not gen.is_done():
+            gen.generate_next_token()
+            n += 1
+        t_all = time.perf_counter() - t0
+        if i == 0:
+            continue
+        ttft.append(t_first)
+        decode.append((n - 1) / (t_all - t_first))
+    return {
+        "prompt_tokens": len(ids),
+        "prefill_s": summary(ttft),
+        "decode_tok_s": summary(decode),
+        "tokens": [],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", type=Path, required=True)
@@ -139,11 +183,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default="m3d,torch,torch-bf16")
     ap.add_argument("--name", default="bench")
+    ap.add_argument(
+        "--genai-model", type=Path, help="onnxruntime-genai model folder built from the same weights"
+    )
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
         if args.child == "m3d":
             res = run_m3d(args.bundle, args.threads, args.runs)
+        elif args.child == "genai":
+            res = run_genai(args.genai_model, args.bundle, args.threads, args.runs)
         else:
             res = run_torch(args.ckpt, args.threads, args.runs, bf16=args.child == "torch-bf16")
         res["peak_rss_mb"] = peak_rss_mb()
@@ -158,6 +207,8 @@ def main() -> None:
         quiet = wait_for_quiet()
         cmd = [sys.executable, __file__, "--ckpt", str(args.ckpt), "--bundle", str(args.bundle)]
         cmd += ["--runs", str(args.runs), "--threads", str(args.threads), "--child", engine]
+        if args.genai_model:
+            cmd += ["--genai-model", str(args.genai_model)]
         with Noise() as noise:
             out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
@@ -182,6 +233,11 @@ def main() -> None:
             "decode_tok_s": eng["m3d"]["decode_tok_s"]["median"]
             / eng["torch-bf16"]["decode_tok_s"]["median"],
             "ttft": eng["m3d"]["ttft_s"]["median"] / eng["torch-bf16"]["ttft_s"]["median"],
+        }
+    if "m3d" in eng and "genai" in eng:
+        results["ratios_vs_genai_fp32"] = {
+            "decode_tok_s": eng["m3d"]["decode_tok_s"]["median"] / eng["genai"]["decode_tok_s"]["median"],
+            "prefill": eng["m3d"]["prefill_s"]["median"] / eng["genai"]["prefill_s"]["median"],
         }
     print(json.dumps({k: v for k, v in results.items() if k.startswith("ratios")}, indent=2))
     print("saved", save(f"decode_{args.name}", results))
