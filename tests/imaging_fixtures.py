@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import RLELossless, generate_uid
+
+from m3d_edge.runtime.imaging.phantom import ct_slice_dataset
 
 SHARED_CT = Path(__file__).resolve().parents[2] / "shared/data/ct"
 LUNG_IMAGE = SHARED_CT / "lung1_image.nrrd"
@@ -101,53 +102,19 @@ def write_ct_series(
         rng.shuffle(order)
     paths = []
     for k in order:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        sop_uid = generate_uid()
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PatientName = "Fixture^Lung"
-        ds.PatientID = "FIXTURE01"
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.StudyDate = "20200101"
-        ds.StudyTime = "120000"
-        ds.AccessionNumber = ""
-        ds.ReferringPhysicianName = ""
-        ds.StudyID = "1"
-        ds.Modality = "CT"
-        ds.Manufacturer = "fixture"
-        ds.SeriesNumber = series_number
-        ds.SeriesDescription = description
-        ds.InstanceNumber = instance_numbers[k]
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in positions[k]]
-        ds.ImageOrientationPatient = [f"{v:.6f}" for v in iop_a]
-        ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[2]:.6f}"]
-        ds.SliceThickness = f"{spacing[0]:.4f}"
-        ds.PositionReferenceIndicator = ""
-        ds.PatientPosition = "HFS"
-        ds.KVP = "120"
-        ds.AcquisitionNumber = 1
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = int(hu.shape[1]), int(hu.shape[2])
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        stored = (hu[k].astype(np.int32) + 1024).clip(0, 65535).astype(np.uint16)
-        ds.PixelData = stored.tobytes()
+        ds = ct_slice_dataset(
+            hu[k],
+            position=positions[k],
+            orientation=iop_a,
+            spacing=spacing,
+            instance_number=instance_numbers[k],
+            uids={"study": study_uid, "series": series_uid, "frame": frame_uid, "sop": generate_uid()},
+            series_number=series_number,
+            description=description,
+            patient=("Fixture^Lung", "FIXTURE01"),
+            manufacturer="fixture",
+            image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+        )
         if rle:
             ds.compress(RLELossless, encoding_plugin="pydicom")
         p = folder / f"{rng.getrandbits(48):012x}"

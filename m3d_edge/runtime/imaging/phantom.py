@@ -45,6 +45,74 @@ def phantom_hu(slices: int = 40, rows: int = 128, cols: int = 128, seed: int = 0
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16)
 
 
+def ct_slice_dataset(
+    hu: np.ndarray,
+    *,
+    position: tuple[float, float, float] | np.ndarray,
+    orientation: tuple[float, ...] | np.ndarray = (1, 0, 0, 0, 1, 0),
+    spacing: tuple[float, float, float],
+    instance_number: int,
+    uids: dict[str, str],
+    series_number: int = 1,
+    description: str = "synthetic CT",
+    patient: tuple[str, str] = ("PHANTOM^", "PHANTOM"),
+    manufacturer: str = "m3d-edge phantom",
+    image_type: tuple[str, ...] = ("DERIVED", "SECONDARY", "AXIAL"),
+) -> Dataset:
+    """One CT Image Storage slice: ``hu`` (rows, cols) stored as HU + 1024 with intercept -1024.
+
+    ``spacing`` is (slice thickness, row spacing, column spacing) in mm; ``uids`` holds ``study``,
+    ``series``, ``frame`` and ``sop``; ``patient`` is (PatientName, PatientID).
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = uids["sop"]
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = uids["sop"]
+    ds.StudyInstanceUID = uids["study"]
+    ds.SeriesInstanceUID = uids["series"]
+    ds.FrameOfReferenceUID = uids["frame"]
+    ds.PatientName, ds.PatientID = patient
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyDate = ds.SeriesDate = "20240101"
+    ds.StudyTime = ds.SeriesTime = "120000"
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.Modality = "CT"
+    ds.Manufacturer = manufacturer
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = description
+    ds.InstanceNumber = instance_number
+    ds.ImageType = list(image_type)
+    ds.ImagePositionPatient = [f"{float(v):.4f}" for v in position]
+    ds.ImageOrientationPatient = [f"{float(v):.6f}" for v in orientation]
+    ds.PixelSpacing = [f"{spacing[1]:.6f}", f"{spacing[2]:.6f}"]
+    ds.SliceThickness = f"{spacing[0]:.4f}"
+    ds.PositionReferenceIndicator = ""
+    ds.PatientPosition = "HFS"
+    ds.KVP = "120"
+    ds.AcquisitionNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(hu.shape[0]), int(hu.shape[1])
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = "-1024"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    ds.WindowCenter = "40"
+    ds.WindowWidth = "400"
+    ds.PixelData = (hu.astype(np.int32) + 1024).clip(0, 65535).astype(np.uint16).tobytes()
+    return ds
+
+
 def write_phantom_series(
     out_dir: Path | str, *, slices: int = 40, rows: int = 128, cols: int = 128, seed: int = 0
 ) -> Path:
@@ -53,62 +121,19 @@ def write_phantom_series(
     out.mkdir(parents=True, exist_ok=True)
     hu = phantom_hu(slices, rows, cols, seed)
     key = f"m3d-edge-phantom/{slices}x{rows}x{cols}/{seed}"
-    study_uid = generate_uid(entropy_srcs=[key, "study"])
-    series_uid = generate_uid(entropy_srcs=[key, "series"])
-    frame_uid = generate_uid(entropy_srcs=[key, "frame-of-reference"])
+    uids = {name: generate_uid(entropy_srcs=[key, name]) for name in ("study", "series", "frame")}
     for k in range(slices):
-        sop_uid = generate_uid(entropy_srcs=[key, "instance", str(k)])
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PatientName = "PHANTOM^"  # a one-component name; the caret keeps it unambiguous
-        ds.PatientID = "PHANTOM"
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.StudyDate = "20240101"
-        ds.StudyTime = "120000"
-        ds.SeriesDate = "20240101"
-        ds.SeriesTime = "120000"
-        ds.AccessionNumber = ""
-        ds.ReferringPhysicianName = ""
-        ds.StudyID = "1"
-        ds.Modality = "CT"
-        ds.Manufacturer = "m3d-edge phantom"
-        ds.SeriesNumber = 1
-        ds.SeriesDescription = "synthetic abdomen phantom"
-        ds.InstanceNumber = k + 1
-        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         pos = (ORIGIN_LPS[0], ORIGIN_LPS[1], ORIGIN_LPS[2] + k * SLICE_THICKNESS_MM)
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in pos]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.PixelSpacing = [f"{PIXEL_SPACING_MM:g}", f"{PIXEL_SPACING_MM:g}"]
-        ds.SliceThickness = f"{SLICE_THICKNESS_MM:g}"
+        ds = ct_slice_dataset(
+            hu[k],
+            position=pos,
+            spacing=(SLICE_THICKNESS_MM, PIXEL_SPACING_MM, PIXEL_SPACING_MM),
+            instance_number=k + 1,
+            uids={**uids, "sop": generate_uid(entropy_srcs=[key, "instance", str(k)])},
+            description="synthetic abdomen phantom",
+        )
         ds.SliceLocation = f"{pos[2]:.4f}"
-        ds.PositionReferenceIndicator = ""
-        ds.PatientPosition = "HFS"
-        ds.KVP = "120"
         ds.BodyPartExamined = "ABDOMEN"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = rows, cols
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.RescaleIntercept = "-1024"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.WindowCenter = "40"
-        ds.WindowWidth = "400"
-        ds.PixelData = (hu[k].astype(np.int32) + 1024).astype(np.uint16).tobytes()
         with atomic_path(out / f"CT{k + 1:04d}.dcm") as tmp:
             ds.save_as(tmp, enforce_file_format=True)
     return out
