@@ -10,6 +10,7 @@ so further questions on the same study pay neither encoder again and reuse the s
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,12 @@ class StudyState:
 
 
 def _study_key(study: Any) -> str:
-    return str(Path(study).resolve()) if isinstance(study, str | Path) else f"array:{id(study)}"
+    """Identity of a study for the per-study cache: path and modification time, or the array's content."""
+    if isinstance(study, str | Path):
+        path = Path(study).resolve()
+        return f"{path}@{path.stat().st_mtime_ns if path.exists() else 0}"
+    data = np.ascontiguousarray(study, dtype=np.float32)
+    return f"array:{data.shape}:{hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()}"
 
 
 class Pipeline:
@@ -128,14 +134,9 @@ class Pipeline:
             volume, record = preprocess(loaded, window=window)
         else:
             volume = np.asarray(study, dtype=np.float32)
-        image = (
-            volume.reshape(1, 1, *self.dims.image_size)
-            if volume.size == np.prod(self.dims.image_size)
-            else None
-        )
-        if image is None:
+        if volume.size != np.prod(self.dims.image_size):
             raise StudyError(f"{key}: volume of shape {volume.shape} is not {self.dims.image_size}")
-        image = np.ascontiguousarray(image, dtype=np.float32)
+        image = np.ascontiguousarray(volume.reshape(1, 1, *self.dims.image_size), dtype=np.float32)
         t0 = time.perf_counter()
         embeds = self.sessions["vision"].run({"image": image})["image_embeds"]
         state = StudyState(key, image, embeds, record, loaded, timings={"vision": time.perf_counter() - t0})
@@ -189,8 +190,9 @@ class Pipeline:
             space = TASKS[task].space
         if not question:
             raise PromptError("no question given (pass a question or a task)")
-        cached = self.state is not None and self.state.key == _study_key(study)
+        previous = self.state
         state = self.prepare(study, window)
+        cached = state is previous
         ids = self.prompt_ids(question, space)
         embeds = self.embed(ids, state.image_embeds)
         max_new = int(max_new_tokens or self.manifest.generation["max_new_tokens"])
