@@ -14,7 +14,9 @@ engines agree with them on >= 97% of steps when fed the reference tokens (teache
 agreement is reported too: with the bench decoder's std-0.2 weights one flipped token changes every later
 one); seg mask Dice >= 0.95 against ORT FP32 for the same seg prompt. The latency table gives time to first
 token (vision + prefill), decode tokens/s and its share of the memory-bandwidth roofline (bytes a decode
-step must read: the decoder plan, about its weights, plus the KV cache; bandwidth from ``--bandwidth-gbs``,
+step must move: the decoder plan, about its weights, plus the KV cache read as the past and written back
+whole as the present into the other ping-pong buffer, i.e. ``kv_cache_bytes`` (both buffers) at the average
+length; attention's own read of the present is not counted; bandwidth from ``--bandwidth-gbs``,
 default the H200's 4.8 TB/s datasheet figure from the device notes; KINDS.md measured ~4.3 TB/s copies).
 Results go to $OUT/gpu_check.json when OUT is set, else benchmarks/results/gpu_check.json.
 """
@@ -240,6 +242,7 @@ def main() -> int:
         step_bytes = (
             (folder / "decoder.plan" if prec != "int8" else dec_folder / "decoder.plan").stat().st_size
         )
+        # past read + full present written (the new contract's Concat): one cache each, = both buffers' bytes
         step_bytes += kv_cache_bytes(dims, int(avg_len), dec.kv_dtype)
         roofline = args.bandwidth_gbs * 1e9 / step_bytes
         rows.append(

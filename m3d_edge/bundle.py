@@ -5,13 +5,13 @@ graphs. Each graph's inputs and outputs are declared once here (:func:`graph_spe
 its ONNX input/output names and dynamic axes from that declaration and the runtime derives its bindings
 from it, so the two cannot drift apart.
 
-KV-cache layout: the decoder takes the past keys/values of each layer *sequence-major*,
-``[past, batch, kv_heads, head_dim]``, and returns only the keys/values of the new tokens in the same
-layout, ``[cur, batch, kv_heads, head_dim]``. A runtime keeps one preallocated buffer per layer of
-``[max_context, batch, kv_heads, head_dim]``: the past is a contiguous view of its head and the new entries
-are written straight after it, so no step copies the cache. Logits and the post-norm hidden state are
-returned for the last position only (all generation needs; it saves the vocabulary projection of the
-whole prompt in prefill).
+KV-cache layout: the decoder takes the past keys/values of each layer as ``[batch, kv_heads, past,
+head_dim]`` (the transformers layout, so attention reads them without a transpose) and returns the whole
+cache after the step, ``[batch, kv_heads, past + sequence, head_dim]``. A runtime keeps two preallocated
+flat buffers per tensor and binds the past to the head of one and the present to the head of the other
+(ping-pong), so the graph's own concatenation writes the new cache in place and no step copies or
+allocates it. Logits and the post-norm hidden state are returned for the last position only (all
+generation needs; it saves the vocabulary projection of the whole prompt in prefill).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 from m3d_edge.errors import BundleError
 from m3d_edge.fileio import atomic_write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: head-major KV cache, full present
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 EMBED_TABLE = "embed.npy"
@@ -117,8 +117,8 @@ def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
     """Every graph of a bundle, declared once (DESIGN §3)."""
     image = TensorSpec("image", "float32", ("batch", 1, *dims.image_size))
     grid = dims.feature_grid
-    kv = ("past", "batch", dims.num_kv_heads, dims.head_dim)
-    new_kv = ("sequence", "batch", dims.num_kv_heads, dims.head_dim)
+    kv = ("batch", dims.num_kv_heads, "past", dims.head_dim)
+    present = ("batch", dims.num_kv_heads, "total", dims.head_dim)
     dec_in = [
         TensorSpec("inputs_embeds", "float32", ("batch", "sequence", dims.hidden_size)),
         TensorSpec("attention_mask", "int64", ("batch", "total")),
@@ -131,7 +131,7 @@ def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
     for i in range(dims.num_layers):
         pk, pv, nk, nv = kv_names(i)
         dec_in += [TensorSpec(pk, "float32", kv), TensorSpec(pv, "float32", kv)]
-        dec_out += [TensorSpec(nk, "float32", new_kv), TensorSpec(nv, "float32", new_kv)]
+        dec_out += [TensorSpec(nk, "float32", present), TensorSpec(nv, "float32", present)]
     seg_embedding = TensorSpec("image_embedding", "float32", ("batch", dims.seg_hidden, *grid))
     specs = [
         GraphSpec(

@@ -47,13 +47,23 @@ def test_decoder_profiles_from_the_declaration(phi3):
     assert pre_min == (1, 1, H) and pre_max == (1, 64, H) and 1 <= pre_opt[1] <= 64
     assert dec_min == dec_opt == dec_max == (1, 1, H)
     pk = kv_names(0)[0]
-    for lo, opt, hi in shapes[pk]:
-        assert lo == (0, 1, kvh, hd) and hi == (ctx - 1, 1, kvh, hd) and lo <= opt <= hi
+    for lo, opt, hi in shapes[pk]:  # head-major past: [batch, kv_heads, past, head_dim]
+        assert lo == (1, kvh, 0, hd) and hi == (1, kvh, ctx - 1, hd)
+        assert all(a <= o <= b for a, o, b in zip(lo, opt, hi, strict=True))
     assert shapes["attention_mask"][0][2] == (1, ctx) and shapes["attention_mask"][1][2] == (1, ctx)
     assert shapes["position_ids"][1] == ((1, 1), (1, 1), (1, 1))
     # opt shapes are consistent: total = past + sequence
     for k in range(2):
-        assert shapes["attention_mask"][k][1][1] == shapes[pk][k][1][0] + shapes["inputs_embeds"][k][1][1]
+        assert shapes["attention_mask"][k][1][1] == shapes[pk][k][1][2] + shapes["inputs_embeds"][k][1][1]
+    # the full-cache present outputs are declared on the same "total" axis the profiles bound to 1..context
+    nk = kv_names(0)[2]
+    assert next(t for t in spec.outputs if t.name == nk).shape == (
+        "batch",
+        kvh,
+        "total",
+        hd,
+    )
+    assert tb.axis_ranges("decoder", dims, 1, 64, ctx)["decode"]["total"][::2] == (1, ctx)
     # fixed axes never vary; only named axes do
     for t in spec.inputs:
         for lo, opt, hi in shapes[t.name]:
@@ -121,13 +131,14 @@ def test_kv_cache_bytes_matches_the_host_cache(phi3):
     _, m = phi3
     dims = m.dims
     cache = KVCache(dims, 100)
-    host = sum(a.nbytes for a in cache.keys + cache.values)
+    host = sum(b.nbytes for side in cache.buffers for b in side)  # both ping-pong buffers
     assert tb.kv_cache_bytes(dims, 100) == host
     assert tb.kv_cache_bytes(dims, 100, np.float16) == host // 2
     assert tb.kv_cache_bytes(dims, 100, "float32", batch=2) == 2 * host
-    # the real Phi-3-mini at its full 2047-token window: 32 layers x 32 heads x 96 = 805 MB in FP32
+    # the real Phi-3-mini at its full 2047-token window: 32 layers x 32 heads x 96, 805 MB per buffer in
+    # FP32, two (ping-pong) buffers
     phi3_mini = types.SimpleNamespace(num_layers=32, num_kv_heads=32, head_dim=96)
-    assert tb.kv_cache_bytes(phi3_mini, 2047) == 2 * 32 * 2047 * 32 * 96 * 4
+    assert tb.kv_cache_bytes(phi3_mini, 2047) == 2 * 2 * 32 * 2047 * 32 * 96 * 4
 
 
 # -- engine.json ----------------------------------------------------------------------------------------------
@@ -324,12 +335,15 @@ class _FakeCudart:
     """cudart's calling convention ((err, *values) tuples) over host memory: pointers are host addresses."""
 
     cudaError_t = types.SimpleNamespace(cudaSuccess=0)
-    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+    cudaMemcpyKind = types.SimpleNamespace(
+        cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3
+    )
 
     def __init__(self):
         self.blocks: dict[int, np.ndarray] = {}
         self.h2d_bytes = 0
         self.d2h_bytes = 0
+        self.d2d_bytes = 0
 
     def cudaSetDevice(self, d):
         return (0,)
@@ -360,8 +374,22 @@ class _FakeCudart:
             self.h2d_bytes += n
         else:
             self.d2h_bytes += n
+        assert kind in (1, 2)
         ctypes.memmove(dst, src, n)
         return (0,)
+
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        assert kind == 3 and width <= min(dpitch, spitch)
+        assert self._inside(dst, (height - 1) * dpitch + width) and self._inside(
+            src, (height - 1) * spitch + width
+        )
+        for r in range(height):
+            ctypes.memmove(dst + r * dpitch, src + r * spitch, width)
+        self.d2d_bytes += width * height
+        return (0,)
+
+    def _inside(self, ptr, n):
+        return any(base <= ptr and ptr + n <= base + b.size for base, b in self.blocks.items())
 
 
 def _at(addr: int, shape, dtype) -> np.ndarray:
@@ -370,7 +398,7 @@ def _at(addr: int, shape, dtype) -> np.ndarray:
     return np.frombuffer(buf, np.uint8, count=n).view(dtype).reshape(shape)
 
 
-def _fake_tensorrt(bundle: Path, manifest, max_seq: int):
+def _fake_tensorrt(bundle: Path, manifest, max_seq: int, cudart: _FakeCudart):
     specs, dims = manifest.specs(), manifest.dims
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.99.0"
@@ -410,6 +438,16 @@ def _fake_tensorrt(bundle: Path, manifest, max_seq: int):
             for name in self.e.spec.input_names():
                 lo, _, hi = self.e.get_tensor_profile_shape(name, self.profile)
                 assert all(a <= s <= b for a, s, b in zip(lo, self.shapes[name], hi, strict=True)), name
+            # every bound tensor lies inside one device allocation, and no output overlaps an input
+            regions = {}
+            for t in self.e.spec.inputs + self.e.spec.outputs:
+                n = int(np.prod(self.get_tensor_shape(t.name))) * np.dtype(t.dtype).itemsize
+                regions[t.name] = (self.addr[t.name], self.addr[t.name] + n)
+                assert n == 0 or cudart._inside(self.addr[t.name], n), t.name
+            for o in self.e.spec.output_names():
+                for i in self.e.spec.input_names():
+                    (a, b), (c, d) = regions[o], regions[i]
+                    assert b <= c or d <= a or a == b or c == d, f"{o} overlaps {i}"
             feeds = {
                 t.name: _at(self.addr[t.name], self.shapes[t.name], t.dtype).copy()
                 for t in self.e.spec.inputs
@@ -469,7 +507,7 @@ def fake_gpu(phi3, tmp_path, monkeypatch):
     data["graphs"] = {}  # no plan hashes: fake plans
     tb.write_engine_json(folder, data)
     cudart = _FakeCudart()
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(bundle, m, max_seq))
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(bundle, m, max_seq, cudart))
     monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
     return folder, tb.read_engine_json(folder), cudart
 
@@ -489,39 +527,101 @@ def test_trt_graph_session_matches_onnxruntime(phi3, fake_gpu, pipelines, volume
     sess.close()
 
 
+def _device_cache(cache: tb.TrtKVCache, layer: int, kv: int) -> np.ndarray:
+    """The valid cache of one tensor as the engine sees it: the front buffer's head, [1, kv_heads, L, hd]."""
+    hd = cache.row_bytes // cache.dtype.itemsize
+    return _at(cache.past(layer, kv), (1, cache.kv_heads, cache.length, hd), cache.dtype).copy()
+
+
+def _assert_same_cache(dev: tb.TrtKVCache, host: KVCache, num_layers: int, atol: float = 1e-5) -> None:
+    assert dev.length == host.length and dev.ids == host.ids
+    for i in range(num_layers):
+        for kv in (0, 1):
+            want = host.view(host.front, 2 * i + kv, host.length)
+            np.testing.assert_allclose(_device_cache(dev, i, kv), want, rtol=0, atol=atol)
+
+
 def test_trt_decoder_generates_the_same_tokens(phi3, fake_gpu, pipelines, volume):
     bundle, m = phi3
     folder, info, cudart = fake_gpu
     pipe = pipelines["phi3"]
-    dec = tb.TrtDecoder(folder / "decoder.plan", m.specs()["decoder"], m.dims, pipe.embed_table, info)
-    assert dec.max_seq == 100 and dec.context_length == m.dims.context_length
+    dims = m.dims
+    dec = tb.TrtDecoder(folder / "decoder.plan", m.specs()["decoder"], dims, pipe.embed_table, info)
+    assert dec.max_seq == 100 and dec.context_length == dims.context_length
     state = pipe.prepare(volume)
     ids = pipe.prompt_ids("What is shown?")
     assert len(ids) > dec.max_seq  # exercises chunked prefill
     embeds = pipe.embed(ids, state.image_embeds)
     kw = dict(max_new_tokens=10, eos_ids=set(), keep_hidden=True)
-    want = generate(pipe.decoder, pipe.decoder.new_cache(len(ids) + 16), embeds, ids, **kw)
+    host = pipe.decoder.new_cache(len(ids) + 16)
+    want = generate(pipe.decoder, host, embeds, ids, **kw)
     cache = dec.new_cache(len(ids) + 16)
+    assert cache.nbytes == tb.kv_cache_bytes(dims, len(ids) + 16)
     h2d_before = cudart.h2d_bytes
     got = generate(dec, cache, embeds, ids, **kw)
     assert got.tokens == want.tokens and cache.length == len(ids) + 9 and cache.ids == ids + got.tokens[:-1]
     np.testing.assert_allclose(np.array(got.hidden), np.array(want.hidden), atol=1e-4)
     np.testing.assert_allclose(dec.logits, pipe.decoder.logits, atol=1e-4)
-    # per token only the embedding row goes up and logits + hidden come back (no KV round trip)
-    H, V = m.dims.hidden_size, m.dims.vocab_size
+    _assert_same_cache(cache, host, dims.num_layers)  # head-major, on the front buffer
+    # per token only the embedding row goes up and logits + hidden come back (no KV round trip, no copy)
+    H, V = dims.hidden_size, dims.vocab_size
     assert cudart.h2d_bytes - h2d_before == (len(ids) + 9) * H * 4
-    # a follow-up question reuses the cached prefix on the device
+    assert cudart.d2d_bytes == 0
+    # a follow-up question reuses the cached prefix on the device: one compaction of it, then prefill
     ids2 = pipe.prompt_ids("Where is it?")
+    reuse = next(k for k, (a, b) in enumerate(zip(cache.ids, ids2, strict=False)) if a != b)
+    assert 0 < reuse < cache.length
     embeds2 = pipe.embed(ids2, state.image_embeds)
-    want2 = generate(pipe.decoder, pipe.decoder.new_cache(len(ids2) + 16), embeds2, ids2, **kw)
+    want2 = generate(pipe.decoder, host, embeds2, ids2, **kw)  # the host cache reuses its prefix too
     got2 = generate(dec, cache, embeds2, ids2, **kw)
     assert got2.tokens == want2.tokens
+    np.testing.assert_allclose(np.array(got2.hidden), np.array(want2.hidden), atol=1e-4)
+    fresh = generate(pipe.decoder, pipe.decoder.new_cache(len(ids2) + 16), embeds2, ids2, **kw)
+    assert got2.tokens == fresh.tokens
+    kv_heads, hd = dims.num_kv_heads, dims.head_dim
+    assert cudart.d2d_bytes == 2 * dims.num_layers * kv_heads * reuse * hd * 4
+    _assert_same_cache(cache, host, dims.num_layers)
     with pytest.raises(GenerationError, match="exceeds"):
-        dec.new_cache(m.dims.context_length + 1)
+        dec.new_cache(dims.context_length + 1)
     d2h = cudart.d2h_bytes
     dec.step_token(cache, 5)
     assert cudart.d2h_bytes - d2h == (H + V) * 4
     dec.close()
+    cache.close()
+
+
+def test_trt_kv_cache_truncate_compacts_each_head(phi3, fake_gpu):
+    _, m = phi3
+    dims = m.dims
+    cuda = tb.Cuda()
+    cudart = cuda.rt
+    cache = tb.TrtKVCache(cuda, dims, 40, np.float32, cuda.stream())
+    kvh, hd, L = dims.num_kv_heads, dims.head_dim, 30
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((dims.num_layers, 2, 1, kvh, L, hd)).astype(np.float32)
+    for i in range(dims.num_layers):
+        for kv in (0, 1):
+            _at(cache.past(i, kv), full[i, kv].shape, np.float32)[...] = full[i, kv]
+    cache.length, cache.ids = L, list(range(L))
+    front = cache.front
+    cache.truncate(L + 5)  # beyond the length: keeps everything, copies nothing (as the host cache)
+    assert (cache.length, cache.front, cudart.d2d_bytes) == (L, front, 0)
+    cache.truncate(L)
+    assert (cache.length, cache.front, cudart.d2d_bytes) == (L, front, 0)
+    cache.truncate(12)
+    assert cache.length == 12 and cache.ids == list(range(12)) and cache.front == 1 - front
+    assert cudart.d2d_bytes == 2 * dims.num_layers * kvh * 12 * hd * 4
+    for i in range(dims.num_layers):
+        for kv in (0, 1):
+            np.testing.assert_array_equal(_device_cache(cache, i, kv), full[i, kv][:, :, :12])
+    cache.truncate(5)
+    for i in range(dims.num_layers):
+        for kv in (0, 1):
+            np.testing.assert_array_equal(_device_cache(cache, i, kv), full[i, kv][:, :, :5])
+    cache.truncate(0)
+    assert cache.length == 0 and cache.ids == []
+    with pytest.raises(GenerationError, match="-1"):
+        cache.truncate(-1)
     cache.close()
 
 

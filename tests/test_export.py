@@ -75,10 +75,10 @@ def test_decoder_prefill_matches_torch(tiny_bundles, references, family):
     embeds = torch.randn(1, 9, dims.hidden_size)
     with torch.no_grad():
         out = ref.model(inputs_embeds=embeds)
-    empty = [np.zeros((0, 1, dims.num_kv_heads, dims.head_dim), np.float32)] * (2 * dims.num_layers)
+    empty = [np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), np.float32)] * (2 * dims.num_layers)
     got = _session(bundle, "decoder").run(None, _decoder_feeds(dims, embeds.numpy(), empty, 0))
     assert np.abs(got[0] - out.logits[:, -1].numpy()).max() <= TOL_LOGITS
-    assert got[2].shape == (9, 1, dims.num_kv_heads, dims.head_dim)  # new keys only, sequence-major
+    assert got[2].shape == (1, dims.num_kv_heads, 9, dims.head_dim)  # the whole cache, head-major
 
 
 def test_decoder_steps_with_cache_equal_full_recompute(tiny_bundles, references, family):
@@ -87,11 +87,12 @@ def test_decoder_steps_with_cache_equal_full_recompute(tiny_bundles, references,
     dims = model_dims(ref.cfg)
     sess = _session(bundle, "decoder")
     embeds = np.random.default_rng(1).standard_normal((1, 10, dims.hidden_size)).astype(np.float32)
-    kv = [np.zeros((0, 1, dims.num_kv_heads, dims.head_dim), np.float32)] * (2 * dims.num_layers)
+    kv = [np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), np.float32)] * (2 * dims.num_layers)
     length, step_logits = 0, []
     for chunk in (slice(0, 6), slice(6, 7), slice(7, 8), slice(8, 9), slice(9, 10)):
         out = sess.run(None, _decoder_feeds(dims, embeds[:, chunk], kv, length))
-        kv = [np.concatenate([k, new]) for k, new in zip(kv, out[2:], strict=True)]
+        assert np.array_equal(out[2][:, :, :length], kv[0])  # the present starts with the past, unchanged
+        kv = out[2:]
         length += chunk.stop - chunk.start
         step_logits.append(out[0])
     with torch.no_grad():
@@ -99,7 +100,7 @@ def test_decoder_steps_with_cache_equal_full_recompute(tiny_bundles, references,
     for i, stop in enumerate((6, 7, 8, 9, 10)):
         assert np.abs(step_logits[i][0] - full[stop - 1]).max() <= TOL_LOGITS
         assert step_logits[i][0].argmax() == full[stop - 1].argmax()
-    assert length == 10 and kv[0].shape[0] == 10
+    assert length == 10 and kv[0].shape[2] == 10
 
 
 def test_bundle_manifest(tiny_bundles, tiny_checkpoints, family):
@@ -176,12 +177,7 @@ def test_manifest_records_each_graph_declaration(tiny_bundles, tmp_path):
     m = read_manifest(tiny_bundles["llama"])
     dec = m.graphs["decoder"]
     assert dec.inputs[0] == {"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "sequence", 64]}
-    assert dec.outputs[2]["name"] == "present.0.key" and dec.outputs[2]["shape"] == [
-        "sequence",
-        "batch",
-        4,
-        16,
-    ]
+    assert dec.outputs[2]["name"] == "present.0.key" and dec.outputs[2]["shape"] == ["batch", 4, "total", 16]
     b = _copy(tiny_bundles["llama"], tmp_path)
     raw = json.loads((b / MANIFEST).read_text())
     raw["graphs"]["vision"]["outputs"][0]["name"] = "features"

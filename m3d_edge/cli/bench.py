@@ -58,7 +58,7 @@ def bench_pipeline(pipe, image: np.ndarray, iters: int, warmup: int, max_new_tok
         embeds_img = sessions["vision"].run({"image": image})["image_embeds"]
         t_vision = time.perf_counter() - t0
         embeds = pipe.embed(ids, embeds_img)
-        cache.length, cache.ids = 0, []  # a full prefill every time
+        cache.truncate(0)  # a full prefill every time
         gen = generate(
             pipe.decoder, cache, embeds, ids, max_new_tokens=max_new_tokens, eos_ids=set(), keep_hidden=False
         )

@@ -19,7 +19,10 @@ Supports TensorRT 10.x (what JetPack ships) and 11.x. What each precision is bui
   ``engine.json`` says so (``source.precision`` and ``note``).
 
 The decoder gets two optimization profiles (``prefill``: 1..max_seq new tokens after 0..context-1 cached;
-``decode``: one token) with a dynamic past length. Plans go to ``engines/<dir>/<graph>.plan`` beside an
+``decode``: one token) with a dynamic past length: the past keys/values are head-major
+``[batch, kv_heads, past, head_dim]`` with ``past`` in 0..context-1, and the ``present`` outputs are the full
+cache ``[batch, kv_heads, total, head_dim]``, ``total`` = past + new in 1..context (the profiles come from the
+bundle's declaration, :func:`~m3d_edge.runtime.trt_backend.profile_shapes`). Plans go to ``engines/<dir>/<graph>.plan`` beside an
 ``engine.json`` (see :mod:`m3d_edge.runtime.trt_backend`); the builder's timing cache is shared across
 builds in ``engines/timing.cache``. A plan whose cache key (source sha256, GPU, TensorRT, precision,
 profiles, options) is unchanged is reused, not rebuilt.
@@ -157,6 +160,7 @@ def engine_json(
         "max_seq": max_seq,
         "context": context,
         "workspace_gb": workspace_gb,
+        # both ping-pong buffers (front + back) of an FP32 cache of `context` positions
         "kv_cache_bytes_at_context": kv_cache_bytes(manifest.dims, context),
         "graphs": graphs,
     }

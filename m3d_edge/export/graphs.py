@@ -45,10 +45,10 @@ class VisionGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """One decoder step over a sequence-major KV cache (see the layout note in :mod:`m3d_edge.bundle`).
+    """One decoder step over the KV cache (layout note in :mod:`m3d_edge.bundle`).
 
-    Returns the logits and post-norm hidden state of the last position and the keys/values of the new
-    positions only, so the runtime appends them in place.
+    Returns the logits and post-norm hidden state of the last position and, per layer, the whole cache
+    after the step (past followed by the new positions).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -61,10 +61,7 @@ class DecoderGraph(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        pairs = [
-            (past[i].permute(1, 2, 0, 3), past[i + 1].permute(1, 2, 0, 3)) for i in range(0, len(past), 2)
-        ]
-        cache = DynamicCache(pairs)
+        cache = DynamicCache([(past[i], past[i + 1]) for i in range(0, len(past), 2)])
         out = self.model.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -74,13 +71,7 @@ class DecoderGraph(nn.Module):
         )
         hidden = out.last_hidden_state[:, -1]
         logits = self.model.lm_head(hidden)
-        n = inputs_embeds.shape[1]
-        present = []
-        for layer in cache.layers:  # updated in place by the model
-            present += [
-                layer.keys[:, :, -n:].permute(2, 0, 1, 3),
-                layer.values[:, :, -n:].permute(2, 0, 1, 3),
-            ]
+        present = [t for layer in cache.layers for t in (layer.keys, layer.values)]  # updated in place
         return (logits, hidden, *present)
 
 
@@ -123,7 +114,7 @@ def example_inputs(name: str, dims: ModelDims, batch: int = 2, past: int = 5, se
         emb = torch.randn(batch, dims.seg_hidden, *dims.feature_grid, generator=g)
         return (emb, torch.randn(batch, dims.hidden_size, generator=g))
     kv = [
-        torch.randn(past, batch, dims.num_kv_heads, dims.head_dim, generator=g)
+        torch.randn(batch, dims.num_kv_heads, past, dims.head_dim, generator=g)
         for _ in range(2 * dims.num_layers)
     ]
     return (

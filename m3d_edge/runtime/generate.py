@@ -1,8 +1,9 @@
 """The generation loop: prefill, then one token at a time over a preallocated KV cache.
 
-Read it top to bottom: :class:`KVCache` holds one sequence-major buffer per layer; :class:`Decoder` binds
-views of those buffers to the decoder graph so each step writes the new keys/values in place;
-:func:`sample` turns logits into a token; :func:`generate` is the loop with its stop rules and streaming.
+Read it top to bottom: :class:`KVCache` holds two flat buffers per layer tensor; :class:`Decoder` binds the
+past to the head of one and the present to the head of the other, so the graph writes the new cache in
+place and the two swap roles after each step; :func:`sample` turns logits into a token; :func:`generate`
+is the loop with its stop rules and streaming.
 """
 
 from __future__ import annotations
@@ -19,15 +20,34 @@ from m3d_edge.runtime.backend import GraphSession
 
 
 class KVCache:
-    """Per-layer key/value buffers ``[max_len, 1, kv_heads, head_dim]``; positions ``[0, length)`` are valid."""
+    """Ping-pong key/value buffers for ``max_len`` positions; positions ``[0, length)`` are valid.
+
+    Each of the ``2 * layers`` tensors has two flat buffers; the valid cache ``[1, kv_heads, length,
+    head_dim]`` is the head of the *front* one (contiguous for batch 1).
+    """
 
     def __init__(self, dims: ModelDims, max_len: int) -> None:
-        shape = (max_len, 1, dims.num_kv_heads, dims.head_dim)
-        self.keys = [np.zeros(shape, np.float32) for _ in range(dims.num_layers)]
-        self.values = [np.zeros(shape, np.float32) for _ in range(dims.num_layers)]
+        self.shape = (dims.num_kv_heads, dims.head_dim)
+        size = dims.num_kv_heads * max_len * dims.head_dim
+        self.buffers = [[np.zeros(size, np.float32) for _ in range(2 * dims.num_layers)] for _ in range(2)]
+        self.front = 0
         self.max_len = max_len
         self.length = 0
         self.ids: list[int] = []  # the token ids whose keys/values are cached (prefix reuse)
+
+    def view(self, side: int, tensor: int, length: int) -> np.ndarray:
+        heads, dim = self.shape
+        return self.buffers[side][tensor][: heads * length * dim].reshape(1, heads, length, dim)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions (one compaction copy per question, never per token)."""
+        if length < self.length:
+            back = 1 - self.front
+            for t in range(len(self.buffers[0])):
+                np.copyto(self.view(back, t, length), self.view(self.front, t, self.length)[:, :, :length])
+            self.front = back
+        self.length = min(length, self.length)
+        self.ids = self.ids[: self.length]
 
 
 class Decoder:
@@ -58,11 +78,16 @@ class Decoder:
             "position_ids": self._positions[:, past : past + n],
         }
         outputs = {"logits": self.logits, "last_hidden_state": self.hidden}
+        front, back = cache.front, 1 - cache.front
         for i in range(self.dims.num_layers):
             pk, pv, nk, nv = kv_names(i)
-            inputs[pk], inputs[pv] = cache.keys[i][:past], cache.values[i][:past]
-            outputs[nk], outputs[nv] = cache.keys[i][past : past + n], cache.values[i][past : past + n]
+            inputs[pk], inputs[pv] = cache.view(front, 2 * i, past), cache.view(front, 2 * i + 1, past)
+            outputs[nk], outputs[nv] = (
+                cache.view(back, 2 * i, past + n),
+                cache.view(back, 2 * i + 1, past + n),
+            )
         self.session.run_bound(inputs, outputs)
+        cache.front = back
         cache.length += n
         cache.ids.extend(ids)
 
@@ -173,7 +198,7 @@ def generate(
     reuse = 0
     while reuse < min(cache.length, n - 1) and cache.ids[reuse] == ids[reuse]:
         reuse += 1
-    cache.length, cache.ids = reuse, cache.ids[:reuse]
+    cache.truncate(reuse)
 
     t0 = time.perf_counter()
     decoder.step(cache, embeds[:, reuse:], ids[reuse:])

@@ -16,14 +16,19 @@ The pure helpers at the top (profile shapes, names, cache keys, buffer sizes, ``
 TensorRT nor CUDA and are unit-tested on CPU; ``tensorrt`` and ``cuda`` are imported lazily inside the
 classes so this module imports everywhere.
 
-Decoder on the device: :class:`TrtKVCache` keeps every layer's keys/values in one device allocation
-(sequence-major ``[max_len, 1, kv_heads, head_dim]`` per layer, the bundle's layout), the past is bound as
-the head of that buffer and the new keys/values are written straight after it, so no step copies the cache
-and nothing of it crosses to the host. Per step only the new token's embedding row goes up and the
-``[1, V]`` logits and ``[1, H]`` hidden state come back; the attention mask (all ones) and the position ids
-(``arange``) live on the device once and each step binds a view of them. One CUDA stream, two execution
-contexts (one per optimization profile: ``prefill`` for prompts, ``decode`` for single tokens), each
-enqueued with ``execute_async_v3``.
+Decoder on the device: :class:`TrtKVCache` is the host :class:`m3d_edge.runtime.generate.KVCache`'s
+ping-pong layout in device memory: per layer and per K/V two flat buffers (front, back) of
+``kv_heads * max_len * head_dim`` elements. A step binds the past as the head of the front buffer viewed as
+``[1, kv_heads, past, head_dim]`` (the bundle's head-major layout, contiguous for batch 1) and the present,
+the whole cache after the step, to the head of the back buffer viewed as ``[1, kv_heads, past + n,
+head_dim]``; then the two swap. The engine's Concat writes the new cache straight into the back buffer, so
+no step copies or transposes anything itself and nothing of the cache crosses to the host; only
+:meth:`TrtKVCache.truncate` (prefix reuse across questions) compacts each head's first positions into the
+back buffer with one device-to-device 2D copy per buffer. Per step only the new token's embedding row goes up
+and the ``[1, V]`` logits and ``[1, H]`` hidden state come back; the attention mask (all ones) and the
+position ids (``arange``) live on the device once and each step binds a view of them. One CUDA stream, two
+execution contexts (one per optimization profile: ``prefill`` for prompts, ``decode`` for single tokens),
+each enqueued with ``execute_async_v3``.
 """
 
 from __future__ import annotations
@@ -66,8 +71,10 @@ def axis_ranges(
     """(min, opt, max) of every named dynamic axis of ``graph``, per optimization profile.
 
     Decoder: ``prefill`` takes 1..max_seq new tokens after 0..context-1 cached ones (a follow-up question
-    prefills its new suffix after the cached prefix), ``decode`` one token after up to context-1; ``total``
-    (the attention mask) is past + new. Encoders: only ``batch`` is dynamic.
+    prefills its new suffix after the cached prefix), ``decode`` one token after up to context-1; ``past``
+    is the third axis of the head-major past keys/values ``[batch, kv_heads, past, head_dim]``; ``total``
+    (the attention mask, and the full-cache ``present`` outputs, whose shapes TensorRT infers) is
+    past + new, 1..context. Encoders: only ``batch`` is dynamic.
     """
     context = int(context or dims.context_length)
     max_seq = int(max_seq or context)
@@ -172,9 +179,11 @@ def engine_cache_key(
 
 
 def kv_cache_bytes(dims: ModelDims, max_len: int, dtype: Any = "float32", batch: int = 1) -> int:
-    """Device bytes of a full KV cache: keys + values of every layer, ``[max_len, batch, kv_heads, head_dim]``."""
+    """Bytes of a full ping-pong KV cache: two buffers (front, back) of keys + values of every layer, each
+    ``[batch, kv_heads, max_len, head_dim]``; the host :class:`~m3d_edge.runtime.generate.KVCache` and
+    :class:`TrtKVCache` alike."""
     item = np.dtype(dtype).itemsize
-    return 2 * dims.num_layers * max_len * batch * dims.num_kv_heads * dims.head_dim * item
+    return 2 * 2 * dims.num_layers * max_len * batch * dims.num_kv_heads * dims.head_dim * item
 
 
 def profiles_json(spec: GraphSpec, dims: ModelDims, max_batch: int, max_seq: int | None, context: int | None):
@@ -321,6 +330,16 @@ class Cuda:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self.call(self.rt.cudaMemcpyAsync(arr.ctypes.data, src, arr.nbytes, kind, stream), "cudaMemcpyAsync")
 
+    def copy_2d(
+        self, dst: int, dpitch: int, src: int, spitch: int, width: int, rows: int, stream: Any
+    ) -> None:
+        """Device-to-device: ``rows`` rows of ``width`` bytes, ``spitch`` apart at src, ``dpitch`` apart at dst."""
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        self.call(
+            self.rt.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, rows, kind, stream),
+            "cudaMemcpy2DAsync",
+        )
+
     def sync(self, stream: Any) -> None:
         self.call(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
 
@@ -466,26 +485,64 @@ class TrtGraphSession:
 
 
 class TrtKVCache:
-    """Device-resident KV cache: ``length``, ``ids``, ``max_len`` as :class:`m3d_edge.runtime.generate.KVCache`.
+    """Device-resident ping-pong KV cache with the protocol of :class:`m3d_edge.runtime.generate.KVCache`:
+    ``length``, ``ids``, ``max_len`` and :meth:`truncate`.
 
-    One allocation holds, per layer, keys then values, each ``[max_len, 1, kv_heads, head_dim]``.
+    One allocation holds two slots (front and back); each slot holds, per layer, a keys buffer then a values
+    buffer of ``kv_heads * max_len * head_dim`` elements. The valid cache is the head of the front slot's
+    buffers, ``[1, kv_heads, length, head_dim]`` contiguous.
     """
 
-    def __init__(self, cuda: Cuda, dims: ModelDims, max_len: int, dtype: np.dtype) -> None:
-        self.cuda, self.max_len, self.dtype = cuda, int(max_len), np.dtype(dtype)
-        self.row_bytes = dims.num_kv_heads * dims.head_dim * self.dtype.itemsize
-        self.layer_bytes = self.max_len * self.row_bytes
+    def __init__(self, cuda: Cuda, dims: ModelDims, max_len: int, dtype: np.dtype, stream: Any) -> None:
+        self.cuda, self.stream, self.max_len, self.dtype = cuda, stream, int(max_len), np.dtype(dtype)
+        self.num_layers, self.kv_heads = dims.num_layers, dims.num_kv_heads
+        self.row_bytes = dims.head_dim * self.dtype.itemsize  # one position of one head
+        self.buffer_bytes = dims.num_kv_heads * self.max_len * self.row_bytes
+        self.slot_bytes = 2 * dims.num_layers * self.buffer_bytes
         self.nbytes = kv_cache_bytes(dims, self.max_len, self.dtype)
+        assert self.nbytes == 2 * self.slot_bytes
         self.base = cuda.malloc(self.nbytes)
-        self.num_layers = dims.num_layers
+        self.front = 0  # the slot holding the valid cache
         self.length = 0
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # the token ids whose keys/values are cached (prefix reuse)
 
-    def key(self, layer: int, pos: int = 0) -> int:
-        return self.base + (2 * layer) * self.layer_bytes + pos * self.row_bytes
+    def buffer(self, slot: int, layer: int, kv: int) -> int:
+        """Device address of the keys (kv=0) or values (kv=1) buffer of ``layer`` in ``slot``."""
+        return self.base + slot * self.slot_bytes + (2 * layer + kv) * self.buffer_bytes
 
-    def value(self, layer: int, pos: int = 0) -> int:
-        return self.base + (2 * layer + 1) * self.layer_bytes + pos * self.row_bytes
+    def past(self, layer: int, kv: int) -> int:
+        return self.buffer(self.front, layer, kv)
+
+    def present(self, layer: int, kv: int) -> int:
+        return self.buffer(1 - self.front, layer, kv)
+
+    def swap(self) -> None:
+        self.front = 1 - self.front
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` positions: each head's first n rows move to the back buffer, which becomes the
+        front (one 2D device-to-device copy per buffer, on the decoder's stream). Like the host cache, an n
+        beyond ``length`` keeps everything."""
+        n = int(n)
+        if n < 0:
+            raise GenerationError(f"cannot truncate a KV cache to {n} positions")
+        n = min(n, self.length)
+        if 0 < n < self.length:
+            src_pitch, dst_pitch = self.length * self.row_bytes, n * self.row_bytes
+            for layer in range(self.num_layers):
+                for kv in (0, 1):
+                    self.cuda.copy_2d(
+                        self.present(layer, kv),
+                        dst_pitch,
+                        self.past(layer, kv),
+                        src_pitch,
+                        dst_pitch,
+                        self.kv_heads,
+                        self.stream,
+                    )
+            self.swap()
+        self.length = n
+        self.ids = self.ids[:n]
 
     def close(self) -> None:
         self.cuda.free(self.base)
@@ -555,7 +612,7 @@ class TrtDecoder:
             raise GenerationError(
                 f"a cache of {max_len} positions exceeds the {self.context_length} the decoder engine was built for"
             )
-        return TrtKVCache(self.cuda, self.dims, max_len, self.kv_dtype)
+        return TrtKVCache(self.cuda, self.dims, max_len, self.kv_dtype, self.stream)
 
     def _run(self, cache: TrtKVCache, embeds: np.ndarray) -> None:
         past, n = cache.length, embeds.shape[1]
@@ -566,17 +623,18 @@ class TrtDecoder:
         ctx.set_input_shape("attention_mask", (1, past + n))
         ctx.set_input_shape("position_ids", (1, n))
         ctx.set_tensor_address("position_ids", self.d_pos + past * 8)
-        kv = (past, 1, self.dims.num_kv_heads, self.dims.head_dim)
+        kv = (1, self.dims.num_kv_heads, past, self.dims.head_dim)
         for i in range(self.dims.num_layers):
             pk, pv, nk, nv = kv_names(i)
             ctx.set_input_shape(pk, kv)
             ctx.set_input_shape(pv, kv)
-            ctx.set_tensor_address(pk, cache.key(i))
-            ctx.set_tensor_address(pv, cache.value(i))
-            ctx.set_tensor_address(nk, cache.key(i, past))
-            ctx.set_tensor_address(nv, cache.value(i, past))
+            ctx.set_tensor_address(pk, cache.past(i, 0))  # [1, kv_heads, past, head_dim]: front buffer
+            ctx.set_tensor_address(pv, cache.past(i, 1))
+            ctx.set_tensor_address(nk, cache.present(i, 0))  # [1, kv_heads, past + n, head_dim]: back buffer
+            ctx.set_tensor_address(nv, cache.present(i, 1))
         if not ctx.execute_async_v3(self.stream):
             raise BackendError("decoder: TensorRT execution failed")
+        cache.swap()
         cache.length += n
 
     def step(self, cache: TrtKVCache, embeds: np.ndarray, ids: list[int]) -> None:
