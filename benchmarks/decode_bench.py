@@ -216,7 +216,10 @@ def main() -> None:
             continue
         res = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
         res["machine_load_before"], res["machine_load_during"] = round(quiet, 2), round(noise.load, 2)
-        results["engines"][engine] = res
+        repeat = sum(1 for k in results["engines"] if k.split("#")[0] == engine)
+        results["engines"][f"{engine}#{repeat + 1}" if repeat else engine] = (
+            res  # a repeated engine keeps both
+        )
         print(engine, {k: v for k, v in res.items() if k != "tokens"})
     eng = results["engines"]
     if "m3d" in eng and "torch" in eng:
