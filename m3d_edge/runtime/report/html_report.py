@@ -182,11 +182,14 @@ def _mask_rows(result: Any) -> tuple[list[tuple[str, str]], list[str]]:
 def _timing_rows(result: Any) -> list[tuple[str, str]]:
     t = dict(result.timings or {})
     steps = t.pop("decode_steps", None)
+    t.pop("cached_study", None)  # shown as "reused" on the encoder rows instead
     rows: list[tuple[str, str]] = []
     order = ["vision", "prefill", "seg_encoder", "seg_decoder", "total"]
     for k in order + sorted(k for k in t if k not in order):
         v = t.get(k)
-        if isinstance(v, int | float) and not isinstance(v, bool):
+        if k in ("vision", "seg_encoder") and v == 0.0:
+            rows.append((k, '<span class="none">reused from an earlier question on this study</span>'))
+        elif isinstance(v, int | float) and not isinstance(v, bool):
             rows.append((k, f'<span class="mono">{float(v) * 1000:.1f} ms</span>'))
         elif v is not None:
             rows.append((k, _value(v)))
