@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -246,28 +245,29 @@ def test_bench_json(bundle):
 # ------------------------------------------------------------------------------------------ calibrate
 
 
-def test_calibrate_calls_the_library(bundle, tmp_path, monkeypatch):
-    calls = {}
+def test_calibrate_runs_the_real_quantizers(bundle, tmp_path):
+    """`calibrate --force` on the tiny bundle: variants and reports land in the manifest, hashes still verify."""
+    import shutil
 
-    def calibrate_bundle(bundle_dir, data_dir, *, method, samples, force, progress):
-        calls.update(bundle=bundle_dir, data=data_dir, method=method, samples=samples, force=force)
-        progress("vision", 1, 2)
-        return {"vision": {"int8": "ok"}}
+    from m3d_edge.bundle import read_manifest
 
-    fake = types.ModuleType("m3d_edge.calibration")
-    fake.calibrate_bundle = calibrate_bundle
-    monkeypatch.setitem(sys.modules, "m3d_edge.calibration", fake)
-    r = invoke("calibrate", bundle, "--data", tmp_path, "--method", "entropy", "--samples", "4")
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    data = tmp_path / "data"
+    data.mkdir()
+    for s in range(3):
+        np.save(data / f"s{s}.npy", ct_like_volume(20 + s))
+    r = invoke("calibrate", copy, "--data", data, "--samples", "2", "--force")
     assert r.exit_code == 0, r.output
-    assert calls["method"] == "entropy" and calls["samples"] == 4 and calls["force"] is False
-    assert '"int8": "ok"' in r.stdout
+    m = read_manifest(copy)  # verifies every hash, reports included
+    assert {"int8", "int4"} <= set(m.graphs["decoder"].variants) and "int8" in m.graphs["vision"].variants
+    assert (copy / m.graphs["decoder"].variants["int8"]["report"]).is_file()
 
 
-def test_calibrate_missing_module_is_one_line(bundle, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "m3d_edge.calibration", types.ModuleType("m3d_edge.calibration"))
-    r = invoke("calibrate", bundle, "--data", tmp_path)
-    assert r.exit_code == 1
-    assert "calibration is not available" in one_error_line(r)
+def test_calibrate_without_data_is_one_line(bundle, tmp_path):
+    r = invoke("calibrate", bundle, "--data", tmp_path / "missing")
+    assert r.exit_code == 3
+    assert "not a folder of calibration studies" in one_error_line(r)
 
 
 # ------------------------------------------------------------------------------------------ export

@@ -823,13 +823,8 @@ def calibrate(
     force: bool = typer.Option(False, "--force", help="Write variants even if they fail the accuracy gate."),
 ) -> None:
     """Quantize the bundle's graphs to INT8/INT4 variants with calibration reports (DESIGN §6)."""
-    try:
-        from m3d_edge.calibration import calibrate_bundle
-    except ImportError:
-        error_line(
-            "calibration is not available in this installation (m3d_edge.calibration.calibrate_bundle is missing)"
-        )
-        raise typer.Exit(1) from None
+    from m3d_edge.calibration import calibrate_bundle
+
     if not data.is_dir():
         raise StudyError(f"{data}: not a folder of calibration studies")
     with console.status("calibrating ...") as status:

@@ -116,10 +116,7 @@ def run_batch(
         note(f"removed {cleaned} partial file(s) left by an interrupted run")
     report_mod = None
     if want_preview:
-        try:
-            from m3d_edge.runtime import report as report_mod  # noqa: F811
-        except ImportError:
-            note("preview skipped: m3d_edge.runtime.report is not available in this installation")
+        from m3d_edge.runtime import report as report_mod  # noqa: F811
     entries: list[dict[str, Any]] = []
     ok = skipped = failed = 0
     seconds: list[float] = []

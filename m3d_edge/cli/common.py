@@ -222,6 +222,11 @@ def show_result(result, title: str | None = None) -> None:
     console.print(f"[dim]{timings_line(d['timings'])}[/dim]", soft_wrap=True)
 
 
+def _encoder_time(seconds: float | None) -> str:
+    """An encoder's time, or "cached" when the study's features came from an earlier question (0 s)."""
+    return "cached" if seconds == 0.0 else fmt_s(seconds)
+
+
 def latency_table(rows: list[tuple[str, dict[str, Any]]], title: str = "latency") -> Table:
     table = Table(title=title)
     for col in ("task", "vision", "seg enc", "prefill", "decode", "tok/s", "seg dec", "total"):
@@ -230,8 +235,8 @@ def latency_table(rows: list[tuple[str, dict[str, Any]]], title: str = "latency"
         tps = t.get("decode_tokens_per_s")
         table.add_row(
             name,
-            fmt_s(t.get("vision")),
-            fmt_s(t.get("seg_encoder")),
+            _encoder_time(t.get("vision")),
+            _encoder_time(t.get("seg_encoder")),
             fmt_s(t.get("prefill")),
             f"{t.get('decode_steps', 0)} / {fmt_s(t.get('decode_seconds'))}",
             f"{tps:.0f}" if tps else "-",
@@ -242,12 +247,9 @@ def latency_table(rows: list[tuple[str, dict[str, Any]]], title: str = "latency"
 
 
 def preview(results: list, out_dir: Path, title: str | None = None) -> Path | None:
-    """Montages and an HTML report through :mod:`m3d_edge.runtime.report`, when that module is present."""
-    try:
-        from m3d_edge.runtime.report import render_montage, write_study_report
-    except ImportError:
-        note("preview skipped: m3d_edge.runtime.report is not available in this installation")
-        return None
+    """Montages and an HTML report (:mod:`m3d_edge.runtime.report`) next to the written results."""
+    from m3d_edge.runtime.report import render_montage, write_study_report
+
     try:
         montages = []
         for i, r in enumerate(results):
