@@ -18,6 +18,7 @@ from m3d_edge.calibration.data import augment
 from m3d_edge.calibration.evaluate import dice, token_agreement
 from m3d_edge.calibration.quantize import dequantize_zero_points, io_names, matmulnbits_attributes
 from m3d_edge.errors import BundleError, StudyError
+from m3d_edge.runtime.pipeline import Pipeline
 
 CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct"
 # the tiny random model (hidden 64, weights std 1.0) is chaotic: any rounding changes its greedy path, so
@@ -285,3 +286,30 @@ def test_calibration_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- default gates on a model that answers like a real one ------------------------------------------
+def test_default_gates_pass_on_a_trained_tiny_model(tmp_path):
+    """A tiny decoder taught fixed answers (confident greedy output) keeps them after INT8 and INT4."""
+    from m3d_edge.calibration.evaluate import PROMPT_SUITE, SEG_SUITE
+    from m3d_edge.export.exporter import export_bundle
+    from m3d_edge.export.teach import ANSWERS
+    from m3d_edge.export.tiny import write_tiny_checkpoint
+
+    assert set(PROMPT_SUITE) | set(SEG_SUITE) <= set(ANSWERS)  # the gates measure what was taught
+    losses: list[float] = []
+    ckpt = write_tiny_checkpoint(
+        tmp_path / "ckpt", "phi3", trained=True, progress=lambda s, loss: losses.append(loss)
+    )
+    assert losses[-1] < 0.1 < losses[0]
+    bundle = export_bundle(ckpt, tmp_path / "bundle").bundle
+    report = calibrate_bundle(bundle, _data(tmp_path / "data", n=4), samples=2, held_out=2, speed_runs=1)
+    assert report.passed, report.summary()  # default gates: cosine 0.995, tokens 97 %, Dice 0.95
+    m = read_manifest(bundle)
+    assert m.graphs["vision"].default == "int8" and m.graphs["decoder"].default == "int8"
+    assert m.graphs["decoder"].variants["int4"]["passed"] is True
+    answer = Pipeline.open(bundle).ask(ct_like_volume(99), task="locate", target="liver", max_new_tokens=64)
+    assert (
+        answer.box == (0.125, 0.25, 0.188, 0.875, 0.75, 0.562)
+        and answer.provenance["precision"]["decoder"] == "int8"
+    )

@@ -235,6 +235,7 @@ def demo(
     epilog=_epilog(
         "m3d-edge tiny-checkpoint /tmp/ckpt",
         "m3d-edge tiny-checkpoint /tmp/bench --family phi3 --preset bench --seed 1",
+        "m3d-edge tiny-checkpoint /tmp/taught --trained   # confident answers, for INT8 gates and demos",
     ),
 )
 @handle_errors
@@ -243,14 +244,25 @@ def tiny_checkpoint(
     family: Family = typer.Option(Family.phi3, "--family", help="Decoder family."),
     preset: Preset = typer.Option(Preset.tiny, "--preset", help="Model size."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
+    trained: bool = typer.Option(
+        False,
+        "--trained",
+        help="Teach the decoder fixed answers to the task prompts (about a minute for tiny).",
+    ),
 ) -> None:
     """Write a random-weight M3D-LaMed checkpoint in the released folder layout (needs torch)."""
     from m3d_edge.export.tiny import write_tiny_checkpoint
 
     family, preset = _v(family), _v(preset)
     t0 = time.perf_counter()
-    with console.status(f"writing a {preset} {family} checkpoint ..."):
-        path = write_tiny_checkpoint(out, family=family, preset=preset, seed=seed)
+    with console.status(f"writing a {preset} {family} checkpoint ...") as status:
+
+        def progress(step: int, loss: float) -> None:
+            status.update(Text(f"teaching answers: step {step}, loss {loss:.4f}"))
+
+        path = write_tiny_checkpoint(
+            out, family=family, preset=preset, seed=seed, trained=trained, progress=progress
+        )
     size = sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
     console.print(
         f"[green]✓[/green] {path}  ({family}, {preset}, seed {seed}, {fmt_bytes(size)}, "

@@ -10,6 +10,7 @@ The released configs carry no ViT sizes; ours add ``vit_*`` fields only when the
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,10 +167,15 @@ def write_tiny_checkpoint(
     seed: int = 0,
     decoder_std: float | None = None,
     shards: int = 2,
+    trained: bool = False,
+    progress: Callable[[int, float], None] | None = None,
 ) -> Path:
-    """Write a random-weight M3D-LaMed checkpoint folder; the same seed gives the same files."""
-    from safetensors.torch import save_file
+    """Write a random-weight M3D-LaMed checkpoint folder; the same seed gives the same files.
 
+    ``trained``: start the decoder from a small initialisation (std 0.02) and teach it fixed answers to the
+    task prompts (:mod:`m3d_edge.export.teach`), so its greedy output is confident like a real model's;
+    about a minute for the tiny preset. ``progress(step, loss)`` reports that training.
+    """
     from m3d_edge.export.tokenizer import write_tokenizer_files
 
     out = Path(out)
@@ -181,11 +187,28 @@ def write_tiny_checkpoint(
     write_tokenizer_files(out, family, seed=seed)
 
     torch.manual_seed(seed)
-    model = build_model(read_config(out))
+    cfg = read_config(out)
+    model = build_model(cfg)
     if decoder_std is None:
-        decoder_std = PRESETS[preset]["decoder_std"]
+        decoder_std = 0.02 if trained else PRESETS[preset]["decoder_std"]
     _randomize(model, decoder_std, torch.Generator().manual_seed(seed))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if trained:
+        from m3d_edge.export.reference import ReferenceModel
+        from m3d_edge.export.teach import teach_answers
+        from m3d_edge.export.tokenizer import SlowTokenizer, read_token_ids
+
+        teach_answers(
+            ReferenceModel(model, cfg), SlowTokenizer(out), read_token_ids(out)["eos"], progress=progress
+        )
+    _save_weights(model, out, shards)
+    return out
+
+
+def _save_weights(model: torch.nn.Module, out: Path, shards: int) -> None:
+    """Sharded safetensors plus ``model.safetensors.index.json``, as the released checkpoints are laid out."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     names = list(state)
     total = sum(t.numel() * t.element_size() for t in state.values())
     per_shard, weight_map, shard, size, files = total / shards, {}, [], 0, []
@@ -201,4 +224,3 @@ def write_tiny_checkpoint(
         weight_map.update(dict.fromkeys(keys, fname))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     atomic_write_text(out / INDEX, json.dumps(index, indent=2) + "\n")
-    return out
