@@ -168,6 +168,7 @@ def write_tiny_checkpoint(
     decoder_std: float | None = None,
     shards: int = 2,
     trained: bool = False,
+    teach_steps: int = 150,
     progress: Callable[[int, float], None] | None = None,
 ) -> Path:
     """Write a random-weight M3D-LaMed checkpoint folder; the same seed gives the same files.
