@@ -198,8 +198,9 @@ def write_tiny_checkpoint(
         from m3d_edge.export.teach import teach_answers
         from m3d_edge.export.tokenizer import SlowTokenizer, read_token_ids
 
+        eos = read_token_ids(out)["eos"]
         teach_answers(
-            ReferenceModel(model, cfg), SlowTokenizer(out), read_token_ids(out)["eos"], progress=progress
+            ReferenceModel(model, cfg), SlowTokenizer(out), eos, steps=teach_steps, progress=progress
         )
     _save_weights(model, out, shards)
     return out
