@@ -147,9 +147,11 @@ class ReferenceModel:
     def encode_images(self, image: torch.Tensor) -> torch.Tensor:
         return self.inner.mm_projector(self.inner.vision_tower(image))
 
-    @torch.no_grad()
     def splice(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with positions 1..N overwritten by the N image features (M3D's splice)."""
+        """Token embeddings with positions 1..N overwritten by the N image features (M3D's splice).
+
+        Not wrapped in ``no_grad``: training (:mod:`m3d_edge.export.teach`) backpropagates through it.
+        """
         emb = self.inner.embed_tokens(input_ids)
         n = image_features.shape[1]
         return torch.cat((emb[:, :1], image_features, emb[:, n + 1 :]), dim=1)

@@ -64,7 +64,7 @@ def teach_answers(
         total = 0.0
         for prompt, answer in examples:
             ids = torch.tensor([prompt + answer[:-1]])
-            embeds = _splice(ref, ids, features[step % volumes])
+            embeds = ref.splice(ids, features[step % volumes])
             logits = model(inputs_embeds=embeds).logits[0, len(prompt) - 1 :]
             loss = F.cross_entropy(logits, torch.tensor(answer))
             loss.backward()
@@ -78,10 +78,3 @@ def teach_answers(
         p.requires_grad_(False)
     model.eval()
     return loss_value
-
-
-def _splice(ref: ReferenceModel, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """M3D's splice with gradients flowing into the token embeddings."""
-    emb = ref.inner.embed_tokens(ids)
-    n = features.shape[1]
-    return torch.cat((emb[:, :1], features, emb[:, n + 1 :]), dim=1)

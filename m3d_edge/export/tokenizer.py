@@ -19,10 +19,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from m3d_edge.errors import ExportError
+from m3d_edge.fileio import atomic_write_bytes
 
 SPIECE_UNDERLINE = "▁"
 VOCAB_SIZE = 32000
@@ -190,7 +189,7 @@ def build_sentencepiece_model(seed: int = 0) -> bytes:
 
 def write_sentencepiece_model(path: Path, seed: int = 0) -> None:
     """Write a deterministic Llama-2-layout SentencePiece BPE ``tokenizer.model`` (32000 pieces)."""
-    _atomic_write(Path(path), build_sentencepiece_model(seed))
+    atomic_write_bytes(Path(path), build_sentencepiece_model(seed))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,7 +289,9 @@ def write_tokenizer_files(ckpt_dir: Path, family: str, seed: int = 0) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_sentencepiece_model(ckpt_dir / "tokenizer.model", seed=seed)
     for name, content in files.items():
-        _atomic_write(ckpt_dir / name, (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode())
+        atomic_write_bytes(
+            ckpt_dir / name, (json.dumps(content, indent=2, ensure_ascii=False) + "\n").encode()
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -708,18 +709,5 @@ def write_tokenizer_json(ckpt_dir: Path, out_path: Path) -> str:
     """Convert the checkpoint's tokenizer and write ``tokenizer.json`` atomically; return its sha256."""
     tok = convert_tokenizer(ckpt_dir)
     data = tok.to_str(pretty=True).encode("utf-8")
-    _atomic_write(Path(out_path), data)
+    atomic_write_bytes(Path(out_path), data)
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
