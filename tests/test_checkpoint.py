@@ -119,3 +119,79 @@ def test_pickle_weights_need_explicit_permission(tmp_path, tiny_checkpoints):
     with pytest.raises(ExportError, match="--allow-pickle"):
         weight_files(ckpt)
     assert weight_files(ckpt, allow_pickle=True) == [ckpt / "pytorch_model.bin"]
+
+
+class _Marker:
+    """Unpickling this writes a marker file: the code an attacker's shard would run."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _crafted_checkpoint(tmp_path, tiny_checkpoints, shard_name: str = "evil.bin"):
+    import pickle
+
+    ckpt = tmp_path / "c"
+    shutil.copytree(tiny_checkpoints["phi3"], ckpt)
+    marker = tmp_path / "marker-ran"
+    with open(ckpt / shard_name, "wb") as f:
+        pickle.dump({"model.norm.weight": _Marker(str(marker))}, f)
+    index = json.loads((ckpt / INDEX).read_text())
+    first = sorted(index["weight_map"])[0]
+    index["weight_map"][first] = shard_name
+    (ckpt / INDEX).write_text(json.dumps(index))
+    return ckpt, marker
+
+
+def test_index_bin_shard_refused_without_allow_pickle(tmp_path, tiny_checkpoints):
+    ckpt, marker = _crafted_checkpoint(tmp_path, tiny_checkpoints)
+    with pytest.raises(ExportError, match=r"evil\.bin is pickled weights.*--allow-pickle"):
+        load_state_dict(ckpt)
+    assert not marker.exists()
+
+
+def test_index_bin_shard_with_allow_pickle_is_weights_only(tmp_path, tiny_checkpoints):
+    ckpt, marker = _crafted_checkpoint(tmp_path, tiny_checkpoints)
+    with pytest.raises(ExportError, match=r"evil\.bin: not a plain tensor pickle, refused"):
+        load_state_dict(ckpt, allow_pickle=True)
+    assert not marker.exists()
+
+
+def test_export_cli_refuses_crafted_index(tmp_path, tiny_checkpoints):
+    from typer.testing import CliRunner
+
+    from m3d_edge.cli.app import app
+
+    ckpt, marker = _crafted_checkpoint(tmp_path, tiny_checkpoints)
+    r = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "b"), "--no-validate"])
+    assert r.exit_code == 6 and "evil.bin" in r.stderr and not marker.exists(), r.output
+    r = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "b"), "--allow-pickle"])
+    assert r.exit_code == 6 and "evil.bin" in r.stderr and not marker.exists(), r.output
+
+
+def test_plain_tensor_pickle_loads_with_allow_pickle(tmp_path, tiny_checkpoints):
+    ckpt = tmp_path / "c"
+    ckpt.mkdir()
+    shutil.copy(tiny_checkpoints["phi3"] / "config.json", ckpt)
+    torch.save({"x": torch.ones(2)}, ckpt / "pytorch_model.bin")
+    assert torch.equal(load_state_dict(ckpt, allow_pickle=True)["x"], torch.ones(2))
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_index_shards_confined_to_checkpoint(tmp_path, tiny_checkpoints, kind):
+    ckpt = tmp_path / "c"
+    shutil.copytree(tiny_checkpoints["phi3"], ckpt)
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(ckpt / "model-00001-of-00002.safetensors", outside)
+    name = {"dotdot": "../outside.safetensors", "absolute": str(outside), "symlink": "link.safetensors"}[kind]
+    if kind == "symlink":
+        (ckpt / name).symlink_to(outside)
+    index = json.loads((ckpt / INDEX).read_text())
+    index["weight_map"] = dict.fromkeys(index["weight_map"], name)
+    (ckpt / INDEX).write_text(json.dumps(index))
+    with pytest.raises(ExportError, match="points outside the checkpoint folder") as e:
+        weight_files(ckpt)
+    assert name in str(e.value)

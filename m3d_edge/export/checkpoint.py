@@ -116,41 +116,87 @@ def read_generation_config(ckpt: Path) -> dict[str, Any]:
     return read_json(path) if path.is_file() else {}
 
 
+def confined(root: Path, rel: object, what: str) -> Path:
+    """``root / rel`` when ``rel`` is a relative path that stays inside ``root`` (symlinks resolved).
+
+    Raises :class:`ExportError` naming ``what`` (the index file) and the entry otherwise.
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise ExportError(f"{what}: shard entry {rel!r} is not a file name")
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise ExportError(f"{what}: shard {rel!r} points outside the checkpoint folder")
+    base = Path(root).resolve()
+    target = (base / rel).resolve()
+    if not target.is_relative_to(base):
+        raise ExportError(f"{what}: shard {rel!r} points outside the checkpoint folder")
+    return Path(root) / rel
+
+
+def _refuse_pickle(files: list[Path], where: Path) -> None:
+    names = ", ".join(f.name for f in files)
+    raise ExportError(
+        f"{where}: {names} is pickled weights; unpickling runs arbitrary code, so pass"
+        " --allow-pickle if you trust this checkpoint (or convert it to safetensors)"
+    )
+
+
 def weight_files(ckpt: Path, allow_pickle: bool = False) -> list[Path]:
-    """The weight files of a checkpoint, checked against the shard index when there is one."""
+    """The weight files of a checkpoint, checked against the shard index when there is one.
+
+    Every shard the index names must stay inside ``ckpt``; anything but ``.safetensors`` needs
+    ``allow_pickle`` (and is then read with ``torch.load(weights_only=True)``).
+    """
     ckpt = Path(ckpt)
     index = ckpt / INDEX
     if index.is_file():
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        weight_map = read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict):
+            raise ExportError(f"{index}: weight_map is not an object")
+        values = list(weight_map.values())
+        bad = [v for v in values if not isinstance(v, str)]
+        if bad:
+            raise ExportError(f"{index}: shard entry {bad[0]!r} is not a file name")
+        shards = [confined(ckpt, s, str(index)) for s in sorted(set(values))]
         if not shards:
             raise ExportError(f"{index}: empty weight_map")
-        missing = [s for s in shards if not (ckpt / s).is_file()]
+        pickled = [p for p in shards if p.suffix != ".safetensors"]
+        if pickled and not allow_pickle:
+            _refuse_pickle(pickled, index)
+        missing = [s.name for s in shards if not s.is_file()]
         if missing:
             raise ExportError(f"{ckpt}: missing shards {', '.join(missing)} (listed in {INDEX})")
-        return [ckpt / s for s in shards]
+        return shards
     single = ckpt / "model.safetensors"
     if single.is_file():
-        return [single]
+        return [confined(ckpt, single.name, str(ckpt))]
     bins = sorted(ckpt.glob("pytorch_model*.bin"))
     if bins and not allow_pickle:
-        raise ExportError(
-            f"{ckpt}: only pickled .bin weights found; unpickling runs arbitrary code, so pass"
-            " --allow-pickle if you trust this checkpoint (or convert it to safetensors)"
-        )
+        _refuse_pickle(bins, ckpt)
     if bins:
-        return bins
+        return [confined(ckpt, b.name, str(ckpt)) for b in bins]
     raise ExportError(f"{ckpt}: no weights (no {INDEX}, model.safetensors or pytorch_model*.bin)")
 
 
 def load_state_dict(ckpt: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All weights of a checkpoint; pickled shards only with ``allow_pickle`` and never beyond tensors."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(ckpt, allow_pickle):
         if f.suffix == ".safetensors":
-            state.update(load_file(str(f)))
-        else:
-            state.update(torch.load(f, map_location="cpu", weights_only=False))
+            try:
+                state.update(load_file(str(f)))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ExportError(f"{f}: unreadable safetensors shard ({e})") from e
+            continue
+        try:  # weights_only: tensors and plain containers only, no code runs
+            loaded = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError, EOFError, RuntimeError ...: one message
+            raise ExportError(f"{f}: not a plain tensor pickle, refused ({type(e).__name__})") from e
+        if not isinstance(loaded, dict):
+            raise ExportError(f"{f}: expected a state dict, found {type(loaded).__name__}")
+        state.update(loaded)
     return state
 
 
