@@ -249,9 +249,10 @@ def read_manifest(bundle_dir: Path | str, verify: bool = True) -> Manifest:
         )
     try:
         manifest = Manifest.from_dict(raw)
-    except (TypeError, KeyError, ValueError) as e:
-        raise BundleError(f"{path}: malformed manifest ({e})") from e
-    for name, spec in manifest.specs().items():
+        specs = manifest.specs()
+    except (TypeError, KeyError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    for name, spec in specs.items():
         entry = manifest.graphs.get(name)
         if entry is None:
             raise BundleError(f"{path}: graph {name!r} is not listed")
@@ -259,9 +260,70 @@ def read_manifest(bundle_dir: Path | str, verify: bool = True) -> Manifest:
             raise BundleError(
                 f"{path}: the inputs/outputs recorded for {name!r} differ from this runtime's contract"
             )
+    check_paths(bundle_dir, manifest)
     if verify:
         verify_files(bundle_dir, manifest)
     return manifest
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def bundle_path(bundle_dir: Path, rel: Any, what: str) -> Path:
+    """``bundle_dir / rel`` when ``rel`` is a relative path that resolves inside the bundle.
+
+    Refuses absolute paths, ``..`` and symlinks that lead out, without looking at whether the outside
+    target exists (the message is the same either way).
+    """
+    if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel:
+        raise BundleError(f"{bundle_dir}: {what} path {rel!r} is not a bundle file name")
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise BundleError(f"{bundle_dir}: {what} path {rel!r} is outside the bundle (refused)")
+    base = Path(bundle_dir).resolve()
+    try:
+        inside = (base / rel).resolve().is_relative_to(base)
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if not inside:
+        raise BundleError(f"{bundle_dir}: {what} path {rel!r} is outside the bundle (refused)")
+    return Path(bundle_dir) / rel
+
+
+def check_paths(bundle_dir: Path, manifest: Manifest) -> None:
+    """Every path the manifest names stays inside the bundle, and every file the runtime opens is hashed.
+
+    A graph (or variant) whose own file has no sha256 entry is refused, so an emptied hash list cannot
+    switch verification off. Raises :class:`BundleError`.
+    """
+    for kind, part in (("tokenizer", manifest.tokenizer), ("embed", manifest.embed)):
+        if not isinstance(part, dict) or not isinstance(part.get("sha256"), str):
+            raise BundleError(f"{bundle_dir}: {kind} entry has no sha256 (refused)")
+        bundle_path(bundle_dir, part.get("file"), kind)
+    for name, entry in manifest.graphs.items():
+        groups = [(name, entry.file, entry.sha256)]
+        for prec, variant in entry.variants.items():
+            if not isinstance(variant, dict):
+                raise BundleError(f"{bundle_dir}: variant {name}.{prec} is malformed")
+            groups.append((f"{name}.{prec}", variant.get("file"), variant.get("sha256")))
+            if variant.get("report") is not None:
+                bundle_path(bundle_dir, variant["report"], f"{name}.{prec} report")
+        for label, file, hashes in groups:
+            bundle_path(bundle_dir, file, f"graph {label}")
+            if not isinstance(hashes, dict) or file not in hashes:
+                raise BundleError(f"{bundle_dir}: graph {label} ({file}) has no sha256 (refused)")
+            for rel, digest in hashes.items():
+                bundle_path(bundle_dir, rel, f"hash entry of {label}")
+                if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _HEX):
+                    raise BundleError(f"{bundle_dir}: hash entry {rel!r} of {label} is not a sha256")
+
+
+def graph_files(manifest: Manifest) -> list[tuple[str, dict[str, str]]]:
+    """(model file, {file: sha256} of that graph) for every graph and variant."""
+    out = []
+    for entry in manifest.graphs.values():
+        out.append((entry.file, entry.sha256))
+        out += [(v["file"], v.get("sha256", {})) for v in entry.variants.values()]
+    return out
 
 
 def manifest_files(manifest: Manifest) -> dict[str, str]:
@@ -279,6 +341,9 @@ def manifest_files(manifest: Manifest) -> dict[str, str]:
 
 def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
     """Check presence and sha256 of every file; one message lists every problem."""
+    from m3d_edge.onnx_external import external_data_locations
+
+    check_paths(bundle_dir, manifest)
     problems = []
     for rel, expected in sorted(manifest_files(manifest).items()):
         p = bundle_dir / rel
@@ -288,3 +353,12 @@ def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
             problems.append(f"{rel} is corrupted (sha256 mismatch)")
     if problems:
         raise BundleError(f"{bundle_dir}: " + "; ".join(problems))
+    for file, hashes in graph_files(manifest):  # the files ONNX Runtime will open beside the model
+        folder = str(Path(file).parent)
+        for loc in sorted(external_data_locations(bundle_dir / file)):
+            rel = loc if folder == "." else f"{folder}/{loc}"
+            bundle_path(bundle_dir, rel, f"external data of {file}")
+            if rel not in hashes:
+                raise BundleError(
+                    f"{bundle_dir}: {file} reads external data {loc!r} that is not hashed (refused)"
+                )

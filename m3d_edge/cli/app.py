@@ -375,6 +375,9 @@ def _inspect_bundle(path: Path, as_json: bool) -> None:
         }
     calibration = {}
     for p in sorted((path / "calibration").glob("*.json")) if (path / "calibration").is_dir() else []:
+        if not p.resolve().is_relative_to(path.resolve()):  # a symlink out of the bundle is not read
+            calibration[p.name] = {"error": "outside the bundle (refused)"}
+            continue
         try:
             calibration[p.name] = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:

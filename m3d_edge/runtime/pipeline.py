@@ -53,6 +53,29 @@ def _study_key(study: Any) -> str:
     return f"array:{data.shape}:{hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()}"
 
 
+def load_embed_table(path: Path) -> np.ndarray:
+    """The bundle's embedding table, memory-mapped; never unpickles (an object array is refused)."""
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:  # "Object arrays cannot be loaded when allow_pickle=False", bad header
+        raise BundleError(
+            f"{path}: not a plain numeric .npy table ({' '.join(str(e).split())[:120]})"
+        ) from None
+    except OSError as e:
+        raise BundleError(f"{path}: unreadable ({e.strerror or type(e).__name__})") from None
+    if not isinstance(table, np.ndarray) or table.ndim != 2 or table.dtype.kind != "f":
+        raise BundleError(f"{path}: expected a 2-D float table")
+    return table
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """``tokenizer.json`` as a fast tokenizer; a file the library cannot parse is a :class:`BundleError`."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises its own Exception type with serde text
+        raise BundleError(f"{path}: not a valid tokenizer.json ({type(e).__name__})") from None
+
+
 class Pipeline:
     """The torch-free M3D-LaMed runtime over one bundle."""
 
@@ -65,12 +88,12 @@ class Pipeline:
     ) -> None:
         self.bundle, self.manifest, self.options = bundle, manifest, options
         self.dims = manifest.dims
-        self.embed_table = np.load(bundle / manifest.embed["file"], mmap_mode="r", allow_pickle=False)
+        self.embed_table = load_embed_table(bundle / manifest.embed["file"])
         if tuple(self.embed_table.shape) != (self.dims.vocab_size, self.dims.hidden_size):
             raise BundleError(
                 f"{bundle / manifest.embed['file']}: shape {self.embed_table.shape} does not match the manifest"
             )
-        self.tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer["file"]))
+        self.tokenizer = load_tokenizer(bundle / manifest.tokenizer["file"])
         if options.provider == "trt":
             self._open_engines(precision)
         else:
