@@ -15,7 +15,7 @@ from conftest import ct_like_volume
 from typer.testing import CliRunner
 
 from m3d_edge.cli.app import app
-from m3d_edge.cli.batch import discover, remove_stale_partials
+from m3d_edge.jobs import discover, remove_stale_partials
 
 runner = CliRunner()
 

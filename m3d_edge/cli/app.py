@@ -700,7 +700,7 @@ def batch(
     Each study gets OUT/NAME/result.json (+ result_mask.nii.gz, result_seg.dcm). Exit code 0 when every
     study is done, 10 when some failed (see OUT/errors.jsonl); rerun the same command to retry them.
     """
-    from m3d_edge.cli.batch import run_batch, summary_table
+    from m3d_edge.cli.batch import run_batch_cli, summary_table
     from m3d_edge.runtime.outputs import FORMATS
 
     request = task_request(task, target, question, choice, box)
@@ -713,7 +713,7 @@ def batch(
     pipe = open_pipeline(bundle, precision, threads, provider)
     params = sampling_params(False, 1.0, 1.0, 0, None, _seg_bias(pipe, force_seg))
     request = dict(request, max_new_tokens=max_new_tokens, sampling=params)
-    summary = run_batch(pipe, root, out, request, fmt, want_preview)
+    summary = run_batch_cli(pipe, root, out, request, fmt, want_preview)
     console.print(summary_table(summary, out))
     if summary["failed"]:
         n = summary["failed"]
