@@ -53,3 +53,15 @@ class PromptError(M3DEdgeError, ValueError):
     """A task was asked with a missing or malformed argument."""
 
     exit_code = 2
+
+
+class OutputLockedError(M3DEdgeError):
+    """Another batch holds the output folder's lock (the message says which process, host and since when)."""
+
+    exit_code = 11
+
+
+class OutputError(M3DEdgeError):
+    """Outputs cannot be written: disk full, quota, file too large, read-only file system."""
+
+    exit_code = 12

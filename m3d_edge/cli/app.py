@@ -43,7 +43,9 @@ EXIT_CODES = (
     "Exit codes: 0 ok · 1 unexpected error · 2 bad usage, unknown task or bad argument · "
     "3 study unreadable or unusable · 4 bundle missing, corrupted or unsupported · "
     "5 backend/provider failure · 6 export failure · 7 generation limit (context length) · "
-    "8 calibration failed · 10 batch finished with some failed studies · 130 interrupted."
+    "8 calibration failed · 10 batch finished with some failed studies · "
+    "11 another batch holds the --out folder · 12 outputs cannot be written (disk full, read-only) · "
+    "130 interrupted."
 )
 
 APP_HELP = f"""M3D-LaMed on the edge: compile the 3D medical multimodal LLM to ONNX and run it without torch.
@@ -141,6 +143,13 @@ MaxNewOpt = typer.Option(None, "--max-new-tokens", "-n", help="Stop after N new 
 PrecisionOpt = typer.Option(None, "--precision", help="Graph precision variant.")
 ThreadsOpt = typer.Option(0, "--threads", help="Intra-op threads per graph (0: onnxruntime's default).")
 ProviderOpt = typer.Option(Provider.cpu, "--provider", help="Execution provider.")
+PrivateOpt = typer.Option(
+    False,
+    "--private",
+    "--anonymize-names",
+    help="Privacy mode (also M3D_EDGE_PRIVATE=1): outputs named by a keyed hash, no source names in logs "
+    "or reports, UIDs replaced in the JSON, no DICOM SEG.",
+)
 ForceSegOpt = typer.Option(
     False,
     "--force-seg",
@@ -543,13 +552,16 @@ def run(
         False, "--preview", help="Write a montage and report.html (with --out)."
     ),
     force_seg: bool = ForceSegOpt,
+    private: bool = PrivateOpt,
 ) -> None:
     """Ask one question about one study; print the answer, box and mask, optionally write files."""
-    from m3d_edge.runtime.outputs import write_outputs
+    from m3d_edge.cli.jobs import write_run_outputs
 
     request = task_request(task, target, question, choice, box)
     if want_preview and out is None:
         raise PromptError("--preview needs --out DIR")
+    if out is not None and out.exists() and not out.is_dir():
+        raise PromptError(f"--out {out}: is a file, not a folder")
     params = sampling_params(sample, temperature, top_p, top_k, seed)
     pipe = open_pipeline(bundle, precision, threads, provider)
     params.logit_bias.update(_seg_bias(pipe, force_seg))
@@ -559,7 +571,7 @@ def run(
     if stream:
         (sys.stderr if as_json else sys.stdout).write("\n")
     if out is not None:
-        write_outputs(result, out, bundle_id=pipe.manifest.bundle_id, bundle_version=pipe.manifest.producer)
+        write_run_outputs(result, out, pipe, private)
     html = preview([result], out) if want_preview and out is not None else None
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
@@ -573,6 +585,12 @@ def run(
 
 CHAT_HELP = """commands: a question (free text) · /task NAME [ARG] (e.g. /task segment liver, /task report,
 /task vqa_closed question | A | B | C | D, /task describe_region d1,h1,w1,d2,h2,w2) · /help · /quit"""
+
+
+def _read_line() -> str:
+    """One line of stdin decoded as UTF-8 (strict: undecodable bytes raise); "" at end of input."""
+    raw = getattr(sys.stdin, "buffer", None)
+    return raw.readline().decode("utf-8") if raw is not None else sys.stdin.readline()
 
 
 def _chat_request(line: str) -> dict[str, Any]:
@@ -619,7 +637,11 @@ def chat(
     turn = 0
     while True:
         console.print("[bold cyan]>[/bold cyan] ", end="")
-        line = sys.stdin.readline()
+        try:
+            line = _read_line()
+        except UnicodeDecodeError:  # a bad line does not end the chat
+            error_line("that line is not valid UTF-8 text; skipped")
+            continue
         if not line:  # EOF
             console.print()
             break
@@ -694,11 +716,14 @@ def batch(
     provider: Provider = ProviderOpt,
     want_preview: bool = typer.Option(False, "--preview", help="Per-study report.html and an index.html."),
     force_seg: bool = ForceSegOpt,
+    private: bool = PrivateOpt,
 ) -> None:
     """Run one task over many studies: resumable (done studies are skipped), errors go to errors.jsonl.
 
     Each study gets OUT/NAME/result.json (+ result_mask.nii.gz, result_seg.dcm). Exit code 0 when every
     study is done, 10 when some failed (see OUT/errors.jsonl); rerun the same command to retry them.
+    A study is redone when the bundle, task, question, sampling, precision or its files changed; a second
+    batch on the same OUT exits 11. --private names outputs by a keyed hash (see the README).
     """
     from m3d_edge.cli.batch import run_batch_cli, summary_table
     from m3d_edge.runtime.outputs import FORMATS
@@ -710,10 +735,13 @@ def batch(
         raise PromptError(f"--format {formats!r}: choose from {', '.join(FORMATS)}")
     if not root.is_dir():
         raise StudyError(f"{root}: not a folder")
+    from m3d_edge.jobs.discovery import check_out
+
+    check_out(out, root)
     pipe = open_pipeline(bundle, precision, threads, provider)
     params = sampling_params(False, 1.0, 1.0, 0, None, _seg_bias(pipe, force_seg))
     request = dict(request, max_new_tokens=max_new_tokens, sampling=params)
-    summary = run_batch_cli(pipe, root, out, request, fmt, want_preview)
+    summary = run_batch_cli(pipe, root, out, request, fmt, want_preview, private)
     console.print(summary_table(summary, out))
     if summary["failed"]:
         n = summary["failed"]

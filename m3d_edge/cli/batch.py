@@ -19,6 +19,7 @@ from rich.text import Text
 
 from m3d_edge.cli.common import console, debug_enabled, fmt_s, note, preview
 from m3d_edge.jobs import BatchEvent, run_batch
+from m3d_edge.jobs.privacy import private_enabled
 
 
 def run_batch_cli(
@@ -28,6 +29,7 @@ def run_batch_cli(
     ask_kwargs: dict[str, Any],
     formats: tuple[str, ...],
     want_preview: bool,
+    private: bool = False,
 ) -> dict[str, Any]:
     """:func:`m3d_edge.jobs.run_batch` with a rich progress bar; failures print one line each."""
     progress = Progress(
@@ -68,6 +70,7 @@ def run_batch_cli(
             previewer=preview if want_preview else None,
             on_event=on_event,
             reraise=lambda exc: debug_enabled(),
+            private=private_enabled(private),
         )
 
 

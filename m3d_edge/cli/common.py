@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from m3d_edge.errors import M3DEdgeError, PromptError
+from m3d_edge.errors import M3DEdgeError, PromptError, StudyError
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -57,6 +57,22 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             error_line("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except MemoryError:  # a declared size too large for this machine: the study is unusable here
+            if debug_enabled():
+                raise
+            error_line("out of memory reading or running the study (its declared size is too large here)")
+            raise typer.Exit(StudyError.exit_code) from None
+        except OSError as exc:
+            from m3d_edge.jobs.error_log import is_full, output_failure
+
+            if debug_enabled() or not is_full(exc):
+                if debug_enabled():
+                    raise
+                error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+                raise typer.Exit(1) from None
+            err = output_failure(exc, Path(exc.filename) if exc.filename else Path("output"))
+            error_line(str(err))
+            raise typer.Exit(err.exit_code) from None
         except Exception as exc:  # anything unforeseen: one line, exit 1
             if debug_enabled():
                 raise
@@ -81,6 +97,18 @@ def parse_box(text: str | None) -> tuple[float, ...] | None:
     return box
 
 
+def check_text(option: str, value: str | None) -> None:
+    """Refuse text that is not valid UTF-8 (the shell passed undecodable bytes) with one line, exit 2."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptError(
+            f"{option}: not valid UTF-8 text (check the terminal's or file's encoding)"
+        ) from None
+
+
 def task_request(
     task: str | None,
     target: str | None,
@@ -91,6 +119,10 @@ def task_request(
     """Validate the task options before any model is loaded; returns the keyword arguments of ``ask``."""
     from m3d_edge.runtime.prompts import question_for
 
+    for opt, value in (("--task", task), ("--target", target), ("--question", question), ("--box", box)):
+        check_text(opt, value)
+    for value in choices or []:
+        check_text("--choice", value)
     parsed_box = parse_box(box)
     if task is None:
         if not (question and question.strip()):

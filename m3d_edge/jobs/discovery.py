@@ -1,21 +1,35 @@
-"""Which studies a batch root holds: one per subfolder, or per .nii/.nii.gz/.npy file."""
+"""Which studies a batch root holds (one per subfolder, or per .nii/.nii.gz/.npy file), and their folders."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from m3d_edge.errors import StudyError
+from m3d_edge.errors import PromptError, StudyError
 
 STUDY_SUFFIXES = (".nii.gz", ".nii", ".npy")
+# files the batch itself writes into --out: a study of that name gets an escaped folder name
+RESERVED = frozenset({"errors.jsonl", "batch.json", "index.html"})
+ESCAPE = "~"
 
 
-def discover(root: Path) -> list[tuple[str, Path]]:
-    """(name, path) of every study under ``root``: subfolders, and .nii/.nii.gz/.npy files; sorted."""
+def output_folder_name(name: str) -> str:
+    """A study's folder under ``--out``: its name, or ``~name`` for our own file names (injective)."""
+    if name.lower() in RESERVED or name.startswith(ESCAPE):
+        return ESCAPE + name
+    return name
+
+
+def discover(root: Path, exclude: Path | None = None) -> list[tuple[str, Path]]:
+    """(name, path) of every study under ``root``: subfolders, and .nii/.nii.gz/.npy files; sorted.
+
+    ``exclude`` (the output folder) is never a study, even when it sits inside ``root``.
+    """
     if not root.is_dir():
         raise StudyError(f"{root}: not a folder (batch reads one study per subfolder or volume file)")
+    skip = exclude.resolve() if exclude is not None else None
     found: list[tuple[str, Path]] = []
     for child in sorted(root.iterdir()):
-        if child.name.startswith("."):
+        if child.name.startswith(".") or (skip is not None and child.resolve() == skip):
             continue
         if child.is_dir():
             found.append((child.name, child))
@@ -29,3 +43,18 @@ def discover(root: Path) -> list[tuple[str, Path]]:
         counts[name] = counts.get(name, 0) + 1
     # "a.npy" and "a.nii" would share an output folder: keep their full names then
     return [(name if counts[name] == 1 else path.name, path) for name, path in found]
+
+
+def check_out(out: Path, root: Path) -> None:
+    """Refuse an ``--out`` that is a file or lies inside one study's folder; call before loading a model."""
+    if out.exists() and not out.is_dir():
+        raise PromptError(f"--out {out}: is a file, not a folder")
+    if not root.is_dir():
+        return
+    o, r = out.resolve(), root.resolve()
+    if o != r and o.is_relative_to(r):
+        top = r / o.relative_to(r).parts[0]
+        if top != o:
+            raise PromptError(
+                f"--out {out}: lies inside the study folder {top.name}; choose a folder outside it"
+            )

@@ -45,10 +45,12 @@ class StudyState:
 
 
 def _study_key(study: Any) -> str:
-    """Identity of a study for the per-study cache: path and modification time, or the array's content."""
+    """Identity of a study for the per-study cache: a hash of its files' content, or the array's content."""
     if isinstance(study, str | Path):
-        path = Path(study).resolve()
-        return f"{path}@{path.stat().st_mtime_ns if path.exists() else 0}"
+        from m3d_edge.runtime.content_key import content_key
+
+        path = Path(study)
+        return f"files:{content_key(path) if path.exists() else path.resolve()}"
     data = np.ascontiguousarray(study, dtype=np.float32)
     return f"array:{data.shape}:{hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()}"
 
@@ -158,7 +160,8 @@ class Pipeline:
         else:
             volume = np.asarray(study, dtype=np.float32)
         if volume.size != np.prod(self.dims.image_size):
-            raise StudyError(f"{key}: volume of shape {volume.shape} is not {self.dims.image_size}")
+            where = study if isinstance(study, str | Path) else "array"
+            raise StudyError(f"{where}: volume of shape {volume.shape} is not {self.dims.image_size}")
         image = np.ascontiguousarray(volume.reshape(1, 1, *self.dims.image_size), dtype=np.float32)
         t0 = time.perf_counter()
         embeds = self.sessions["vision"].run({"image": image})["image_embeds"]

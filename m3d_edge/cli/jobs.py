@@ -1,0 +1,22 @@
+"""CLI glue to :mod:`m3d_edge.jobs` shared by ``run`` (and ``chat``): the job writer and privacy mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from m3d_edge.jobs.outputs import write_result
+from m3d_edge.jobs.privacy import Privacy, private_enabled
+from m3d_edge.runtime.outputs import FORMATS
+
+
+def write_run_outputs(result, out: Path, pipe, private: bool = False) -> dict[str, str]:
+    """``run --out``: replace the folder's previous result (mask and SEG included) with this one."""
+    privacy = Privacy(out) if private_enabled(private) else None
+    return write_result(
+        result,
+        Path(out),
+        FORMATS,
+        bundle_id=pipe.manifest.bundle_id,
+        bundle_version=pipe.manifest.producer,
+        privacy=privacy,
+    )
