@@ -303,3 +303,38 @@ def test_chat_survives_a_non_utf8_line(tiny_bundles, tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert "not valid UTF-8" in r.stderr and "prefill" in r.stdout
+
+
+MEMORY_SCRIPT = """
+import resource, sys
+from typer.testing import CliRunner
+from m3d_edge.cli.app import app
+from m3d_edge.runtime.pipeline import Pipeline
+
+Pipeline.open(sys.argv[1])  # map the libraries and arenas first, then allow 2.2 GB more
+vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + 2_200_000_000, resource.RLIM_INFINITY))
+r = CliRunner().invoke(app, ["run", sys.argv[1], sys.argv[2], "--task", "report", "-n", "1"])
+print("EXIT", r.exit_code)
+print(r.output)
+"""
+
+
+def test_memory_error_from_a_declared_size_exits_3(tiny_bundles, tmp_path):
+    """A NIfTI declaring 512x512x1024 voxels (a sparse file): reading it needs 2 GB of float32 copies."""
+    nib = pytest.importorskip("nibabel")
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((512, 512, 1024))
+    hdr.set_data_dtype(np.int16)
+    hdr["vox_offset"] = 352
+    hdr.set_qform(np.eye(4), code=1)
+    path = tmp_path / "big.nii"
+    with open(path, "wb") as f:
+        f.write(hdr.binaryblock + b"\0" * 4)
+        f.truncate(352 + 512 * 512 * 1024 * 2)
+    r = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(tiny_bundles["phi3"]), str(path)],
+        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200"), timeout=300,
+    )  # fmt: skip
+    assert "EXIT 3" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "unexpected" not in r.stdout
