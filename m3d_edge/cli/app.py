@@ -72,6 +72,12 @@ class Precision(str, Enum):
     int4 = "int4"
 
 
+class PromptFormat(str, Enum):
+    auto = "auto"
+    demo = "demo"
+    train = "train"
+
+
 class Family(str, Enum):
     phi3 = "phi3"
     llama = "llama"
@@ -141,6 +147,12 @@ MaxNewOpt = typer.Option(None, "--max-new-tokens", "-n", help="Stop after N new 
 PrecisionOpt = typer.Option(None, "--precision", help="Graph precision variant.")
 ThreadsOpt = typer.Option(0, "--threads", help="Intra-op threads per graph (0: onnxruntime's default).")
 ProviderOpt = typer.Option(Provider.cpu, "--provider", help="Execution provider.")
+PromptFormatOpt = typer.Option(
+    PromptFormat.auto,
+    "--prompt-format",
+    help="auto: task presets as in M3D's training data (a space after the image tokens, none for report), "
+    "free questions as M3D's demo scripts (no space); demo or train: that format for every prompt.",
+)
 ForceSegOpt = typer.Option(
     False,
     "--force-seg",
@@ -540,6 +552,7 @@ def run(
         False, "--preview", help="Write a montage and report.html (with --out)."
     ),
     force_seg: bool = ForceSegOpt,
+    prompt_format: PromptFormat = PromptFormatOpt,
 ) -> None:
     """Ask one question about one study; print the answer, box and mask, optionally write files."""
     from m3d_edge.runtime.outputs import write_outputs
@@ -551,7 +564,14 @@ def run(
     pipe = open_pipeline(bundle, precision, threads, provider)
     params.logit_bias.update(_seg_bias(pipe, force_seg))
     on_text = stream_writer(to_stderr=as_json) if stream else None
-    result = pipe.ask(study, max_new_tokens=max_new_tokens, sampling=params, on_text=on_text, **request)
+    result = pipe.ask(
+        study,
+        max_new_tokens=max_new_tokens,
+        sampling=params,
+        on_text=on_text,
+        prompt_format=_v(prompt_format),
+        **request,
+    )
     result.target = request["target"]
     if stream:
         (sys.stderr if as_json else sys.stdout).write("\n")
@@ -604,6 +624,7 @@ def chat(
     threads: int = ThreadsOpt,
     provider: Provider = ProviderOpt,
     force_seg: bool = ForceSegOpt,
+    prompt_format: PromptFormat = PromptFormatOpt,
 ) -> None:
     """Ask questions about one study interactively (reads stdin; image features are computed once)."""
     from m3d_edge.runtime.outputs import write_outputs
@@ -636,7 +657,12 @@ def chat(
             else:
                 request = task_request(None, None, line, None, None)
             result = pipe.ask(
-                study, max_new_tokens=max_new_tokens, sampling=params, on_text=stream_writer(), **request
+                study,
+                max_new_tokens=max_new_tokens,
+                sampling=params,
+                on_text=stream_writer(),
+                prompt_format=_v(prompt_format),
+                **request,
             )
             result.target = request["target"]
             sys.stdout.write("\n")
@@ -691,6 +717,7 @@ def batch(
     provider: Provider = ProviderOpt,
     want_preview: bool = typer.Option(False, "--preview", help="Per-study report.html and an index.html."),
     force_seg: bool = ForceSegOpt,
+    prompt_format: PromptFormat = PromptFormatOpt,
 ) -> None:
     """Run one task over many studies: resumable (done studies are skipped), errors go to errors.jsonl.
 
@@ -709,7 +736,7 @@ def batch(
         raise StudyError(f"{root}: not a folder")
     pipe = open_pipeline(bundle, precision, threads, provider)
     params = sampling_params(False, 1.0, 1.0, 0, None, _seg_bias(pipe, force_seg))
-    request = dict(request, max_new_tokens=max_new_tokens, sampling=params)
+    request = dict(request, max_new_tokens=max_new_tokens, sampling=params, prompt_format=_v(prompt_format))
     summary = run_batch(pipe, root, out, request, fmt, want_preview)
     console.print(summary_table(summary, out))
     if summary["failed"]:
