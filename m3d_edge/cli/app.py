@@ -710,7 +710,11 @@ def batch(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Output folder (one subfolder per study).", show_default=False
     ),
-    formats: str = typer.Option("json,nifti,seg", "--format", help="Comma-separated: json, nifti, seg."),
+    formats: str | None = typer.Option(
+        None,
+        "--format",
+        help="Comma-separated: json, nifti, seg (default: each that applies; seg for DICOM).",
+    ),
     max_new_tokens: int | None = MaxNewOpt,
     precision: Precision | None = PrecisionOpt,
     threads: int = ThreadsOpt,
@@ -728,9 +732,9 @@ def batch(
     from m3d_edge.runtime.outputs import FORMATS
 
     request = task_request(task, target, question, choice, box)
-    fmt = tuple(f.strip() for f in formats.split(",") if f.strip())
-    bad = [f for f in fmt if f not in FORMATS]
-    if bad or not fmt:
+    fmt = tuple(f.strip() for f in formats.split(",") if f.strip()) if formats is not None else None
+    bad = [f for f in fmt or () if f not in FORMATS]
+    if bad or fmt == ():
         raise PromptError(f"--format {formats!r}: choose from {', '.join(FORMATS)}")
     if not root.is_dir():
         raise StudyError(f"{root}: not a folder")

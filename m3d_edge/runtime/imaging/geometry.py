@@ -240,6 +240,36 @@ def write_nifti_mask(mask: np.ndarray, geometry: Geometry, path: Path | str) -> 
     return path
 
 
+#: Type 2 patient/study attributes highdicom copies from the source: they must be present, may be empty
+TYPE2_SOURCE_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
+)
+
+
+def with_type2_attributes(ds: Any) -> Any:
+    """``ds`` itself when every Type 2 source attribute is present, else a copy with the absent ones empty.
+
+    De-identification tools often drop them; the standard allows them empty (zero length) in the SEG.
+    """
+    missing = [k for k in TYPE2_SOURCE_ATTRIBUTES if k not in ds]
+    if not missing:
+        return ds
+    import copy
+
+    ds = copy.deepcopy(ds)
+    for k in missing:
+        setattr(ds, k, "")
+    return ds
+
+
 def write_dicom_seg(
     mask: np.ndarray,
     study: Study,
@@ -252,6 +282,8 @@ def write_dicom_seg(
     """Write a source-grid ``(z, y, x)`` mask as a BINARY DICOM Segmentation referencing the source series."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
+
+    from m3d_edge.runtime.imaging.seg_codes import segment_coding
 
     path = Path(path)
     name = f"series {study.series_number}" if study.series_number is not None else str(study.source_path)
@@ -278,6 +310,7 @@ def write_dicom_seg(
         raise StudyError(f"{name}: SEG output for series of several multi-frame instances is not supported")
 
     label = (" ".join(str(label).split()) or "segment").replace("\\", "/")[:64]
+    coding = segment_coding(label)
     algo = hd.AlgorithmIdentificationSequence(
         name=str(bundle_id)[:64],
         family=codes.cid7162.ArtificialIntelligence,
@@ -286,14 +319,18 @@ def write_dicom_seg(
     desc = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=label,
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_category=coding.category,
+        segmented_property_type=coding.type,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algo,
+        anatomic_regions=[coding.region] if coding.region is not None else None,
+        display_color=hd.color.CIELabColor.from_rgb(*coding.rgb),
     )
+    if coding.laterality is not None:
+        desc.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(coding.laterality)]
     try:
         seg = hd.seg.Segmentation(
-            source_images=list(study.source_datasets),
+            source_images=[with_type2_attributes(ds) for ds in study.source_datasets],
             pixel_array=pixel_array,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[desc],
