@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from m3d_edge.errors import GenerationError, PromptError
 from m3d_edge.runtime.generate import SamplingParams, TextStream, filtered_probs
-from m3d_edge.runtime.prompts import TASKS, format_box, parse_box, question_for
+from m3d_edge.runtime.prompts import format_box, parse_box, question_for
 
 PRESETS = [
     ("report", {}),
@@ -32,7 +32,7 @@ NEW = 12
 
 
 def _reference(references, pipe, family, volume, result, **kw):
-    ids = pipe.prompt_ids(result.question, TASKS[result.task].space if result.task else True)
+    ids = pipe.prompt_ids(result.question, result.prompt["separator"] == " ")
     return references[family].generate(
         torch.from_numpy(volume)[None],
         torch.tensor([ids]),
@@ -87,7 +87,7 @@ def _hidden_of(pipe, volume, result, params):
     from m3d_edge.runtime.generate import generate
 
     state = pipe.prepare(volume)
-    ids = pipe.prompt_ids(result.question)
+    ids = pipe.prompt_ids(result.question, result.prompt["separator"] == " ")
     cache = pipe.decoder.new_cache(len(ids) + NEW)
     gen = generate(
         pipe.decoder, cache, pipe.embed(ids, state.image_embeds), ids,

@@ -74,6 +74,12 @@ class Precision(str, Enum):
     int4 = "int4"
 
 
+class PromptFormat(str, Enum):
+    auto = "auto"
+    demo = "demo"
+    train = "train"
+
+
 class Family(str, Enum):
     phi3 = "phi3"
     llama = "llama"
@@ -149,6 +155,12 @@ PrivateOpt = typer.Option(
     "--anonymize-names",
     help="Privacy mode (also M3D_EDGE_PRIVATE=1): outputs named by a keyed hash, no source names in logs "
     "or reports, UIDs replaced in the JSON, no DICOM SEG.",
+)
+PromptFormatOpt = typer.Option(
+    PromptFormat.auto,
+    "--prompt-format",
+    help="auto: task presets as in M3D's training data (a space after the image tokens, none for report), "
+    "free questions as M3D's demo scripts (no space); demo or train: that format for every prompt.",
 )
 ForceSegOpt = typer.Option(
     False,
@@ -553,6 +565,7 @@ def run(
     ),
     force_seg: bool = ForceSegOpt,
     private: bool = PrivateOpt,
+    prompt_format: PromptFormat = PromptFormatOpt,
 ) -> None:
     """Ask one question about one study; print the answer, box and mask, optionally write files."""
     from m3d_edge.cli.jobs import write_run_outputs
@@ -566,7 +579,14 @@ def run(
     pipe = open_pipeline(bundle, precision, threads, provider)
     params.logit_bias.update(_seg_bias(pipe, force_seg))
     on_text = stream_writer(to_stderr=as_json) if stream else None
-    result = pipe.ask(study, max_new_tokens=max_new_tokens, sampling=params, on_text=on_text, **request)
+    result = pipe.ask(
+        study,
+        max_new_tokens=max_new_tokens,
+        sampling=params,
+        on_text=on_text,
+        prompt_format=_v(prompt_format),
+        **request,
+    )
     result.target = request["target"]
     if stream:
         (sys.stderr if as_json else sys.stdout).write("\n")
@@ -625,6 +645,7 @@ def chat(
     threads: int = ThreadsOpt,
     provider: Provider = ProviderOpt,
     force_seg: bool = ForceSegOpt,
+    prompt_format: PromptFormat = PromptFormatOpt,
 ) -> None:
     """Ask questions about one study interactively (reads stdin; image features are computed once)."""
     from m3d_edge.runtime.outputs import write_outputs
@@ -661,7 +682,12 @@ def chat(
             else:
                 request = task_request(None, None, line, None, None)
             result = pipe.ask(
-                study, max_new_tokens=max_new_tokens, sampling=params, on_text=stream_writer(), **request
+                study,
+                max_new_tokens=max_new_tokens,
+                sampling=params,
+                on_text=stream_writer(),
+                prompt_format=_v(prompt_format),
+                **request,
             )
             result.target = request["target"]
             sys.stdout.write("\n")
@@ -709,7 +735,11 @@ def batch(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Output folder (one subfolder per study).", show_default=False
     ),
-    formats: str = typer.Option("json,nifti,seg", "--format", help="Comma-separated: json, nifti, seg."),
+    formats: str | None = typer.Option(
+        None,
+        "--format",
+        help="Comma-separated: json, nifti, seg (default: each that applies; seg for DICOM).",
+    ),
     max_new_tokens: int | None = MaxNewOpt,
     precision: Precision | None = PrecisionOpt,
     threads: int = ThreadsOpt,
@@ -717,6 +747,7 @@ def batch(
     want_preview: bool = typer.Option(False, "--preview", help="Per-study report.html and an index.html."),
     force_seg: bool = ForceSegOpt,
     private: bool = PrivateOpt,
+    prompt_format: PromptFormat = PromptFormatOpt,
 ) -> None:
     """Run one task over many studies: resumable (done studies are skipped), errors go to errors.jsonl.
 
@@ -729,9 +760,9 @@ def batch(
     from m3d_edge.runtime.outputs import FORMATS
 
     request = task_request(task, target, question, choice, box)
-    fmt = tuple(f.strip() for f in formats.split(",") if f.strip())
-    bad = [f for f in fmt if f not in FORMATS]
-    if bad or not fmt:
+    fmt = tuple(f.strip() for f in formats.split(",") if f.strip()) if formats is not None else None
+    bad = [f for f in fmt or () if f not in FORMATS]
+    if bad or fmt == ():
         raise PromptError(f"--format {formats!r}: choose from {', '.join(FORMATS)}")
     if not root.is_dir():
         raise StudyError(f"{root}: not a folder")
@@ -740,7 +771,7 @@ def batch(
     check_out(out, root)
     pipe = open_pipeline(bundle, precision, threads, provider)
     params = sampling_params(False, 1.0, 1.0, 0, None, _seg_bias(pipe, force_seg))
-    request = dict(request, max_new_tokens=max_new_tokens, sampling=params)
+    request = dict(request, max_new_tokens=max_new_tokens, sampling=params, prompt_format=_v(prompt_format))
     summary = run_batch_cli(pipe, root, out, request, fmt, want_preview, private)
     console.print(summary_table(summary, out))
     if summary["failed"]:

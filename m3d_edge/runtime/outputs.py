@@ -43,11 +43,15 @@ def segment_label(result: Result) -> str:
     return result.question
 
 
+def _kind(result: Result) -> str:
+    return str(getattr(result.study, "kind", None) or "array")
+
+
 def write_outputs(
     result: Result,
     out_dir: Path | str,
     *,
-    formats: Iterable[str] = FORMATS,
+    formats: Iterable[str] | None = None,
     bundle_id: str | None = None,
     bundle_version: str | None = None,
     stem: str = "result",
@@ -56,10 +60,13 @@ def write_outputs(
 
     ``nifti``: the mask on the source grid with the source affine (on the model grid with an identity
     affine when the input was an array or an M3D .npy). ``seg``: a DICOM Segmentation referencing the
-    source series, only when the study came from DICOM. Nothing is written for the mask when the result has
-    none. A SEG that cannot be built (resampled series) is skipped with a note in the JSON.
+    source series. ``formats=None`` asks for every format that applies (``seg`` only for a DICOM series
+    that was not resampled). An asked-for output that cannot be written raises :class:`StudyError`
+    naming it, and the JSON is then not written (a present JSON means the whole result is on disk).
+    Nothing is written for the mask when the answer has none; a note says so.
     """
-    formats = tuple(formats)
+    explicit = formats is not None
+    formats = tuple(formats) if formats is not None else FORMATS
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise PromptError(f"unknown output format(s) {', '.join(unknown)} (choose from {', '.join(FORMATS)})")
@@ -73,6 +80,9 @@ def write_outputs(
     if result.target is None:
         result.target = segment_label(result) if result.task in ("segment", "refer_segment") else None
     written: dict[str, str] = {}
+    failed: list[str] = []
+    if result.mask is None and explicit and ("nifti" in formats or "seg" in formats):
+        result.notes.append("no mask in the answer (no [SEG] token): no mask file written")
 
     if result.mask is not None and ("nifti" in formats or "seg" in formats):
         from m3d_edge.runtime.imaging import mask_to_source, write_nifti_mask
@@ -85,7 +95,15 @@ def write_outputs(
             path = write_nifti_mask(source_mask, record.source_geometry, out_dir / names["nifti"])
             written["nifti"] = str(path)
         study = result.study
-        if "seg" in formats and study is not None and getattr(study, "kind", None) == "dicom":
+        dicom = study is not None and getattr(study, "kind", None) == "dicom"
+        applies = dicom and not getattr(study, "resampled", False)
+        if "seg" in formats and not applies:
+            why = "the series was resampled" if dicom else f"the study is not DICOM ({_kind(result)})"
+            if explicit:
+                failed.append(f"DICOM SEG not written: {why}; a SEG references a DICOM source series")
+            else:
+                result.notes.append(f"DICOM SEG not written: {why}")
+        elif "seg" in formats:
             from m3d_edge.runtime.imaging import write_dicom_seg
 
             try:
@@ -99,9 +117,11 @@ def write_outputs(
                 )
                 written["seg"] = str(path)
             except StudyError as exc:
-                result.notes.append(f"DICOM SEG not written: {exc}")
+                failed.append(f"DICOM SEG not written: {exc}")
 
     result.outputs.update(written)
+    if failed:
+        raise StudyError(f"{out_dir}: " + "; ".join(failed))
     if "json" in formats:
         json_path = out_dir / names["json"]
         result.outputs["json"] = str(json_path)

@@ -24,7 +24,14 @@ from m3d_edge.bundle import Manifest, read_manifest
 from m3d_edge.errors import BundleError, GenerationError, PromptError, StudyError
 from m3d_edge.runtime.backend import BackendOptions, GraphSession
 from m3d_edge.runtime.generate import Decoder, KVCache, SamplingParams, generate
-from m3d_edge.runtime.prompts import SEG_TOKEN, TASKS, build_prompt, parse_box, question_for
+from m3d_edge.runtime.prompts import (
+    SEG_TOKEN,
+    build_prompt,
+    parse_box,
+    prompt_separator,
+    question_for,
+    resolve_prompt_format,
+)
 from m3d_edge.runtime.result import Result
 
 CACHE_ROUND = 256  # KV cache sizes are rounded up to this, so a chat rarely regrows it
@@ -207,19 +214,25 @@ class Pipeline:
         stop_strings: tuple[str, ...] = (),
         on_text: Callable[[str], None] | None = None,
         window: str = "m3d",
+        prompt_format: str = "auto",
     ) -> Result:
-        """Answer one question on a study; ``task`` picks a preset (see ``TASKS``), else ``question`` is used."""
+        """Answer one question on a study; ``task`` picks a preset (see ``TASKS``), else ``question`` is used.
+
+        ``prompt_format``: ``auto`` (task presets in M3D's training format, free questions as M3D's demo
+        scripts build them, with no space), ``demo`` or ``train`` for every prompt (see
+        :mod:`m3d_edge.runtime.prompts`).
+        """
         t_start = time.perf_counter()
-        space = True
+        fmt = resolve_prompt_format(task, prompt_format)
+        separator = prompt_separator(task, fmt)
         if task is not None:
             question = question_for(task, target if target is not None else question, choices, box)
-            space = TASKS[task].space
         if not question:
             raise PromptError("no question given (pass a question or a task)")
         previous = self.state
         state = self.prepare(study, window)
         cached = state is previous
-        ids = self.prompt_ids(question, space)
+        ids = self.prompt_ids(question, separator == " ")
         embeds = self.embed(ids, state.image_embeds)
         max_new = int(max_new_tokens or self.manifest.generation["max_new_tokens"])
         needed, limit = len(ids) + max_new, self.dims.context_length
@@ -276,6 +289,7 @@ class Pipeline:
             study=state.study,
             record=state.record,
             target=target if task is not None else None,
+            prompt={"format": fmt, "separator": separator, "tokens": len(ids)},
         )
 
     def seg_hidden(self, tokens: list[int], hidden: list[np.ndarray]) -> np.ndarray | None:

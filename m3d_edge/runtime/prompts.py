@@ -1,7 +1,13 @@
 """M3D's prompt format, the task presets, and the box text in both directions.
 
-The prompt is ``"<im_patch>" * 256`` followed by the question; no chat template. M3D's training data
-puts a space between the image tokens and the question, except for report (caption) prompts.
+The prompt is ``"<im_patch>" * 256`` followed by the question; no chat template. Two formats exist in
+M3D's own code, and :func:`prompt_separator` picks one:
+
+* ``demo``: ``"<im_patch>" * 256 + question``, no space, as M3D's inference scripts
+  (``LaMed/src/demo/demo.py``, ``online_demo.py``) build it. The default for free-form questions.
+* ``train``: the training and bench datasets (``LaMed/src/dataset/multi_dataset.py``,
+  ``Bench/dataset/multi_dataset.py``) put a space before VQA, positioning and segmentation questions and
+  none before caption (report) prompts. The default for task presets.
 Box text is ``<bx_start>[d1, h1, w1, d2, h2, w2]<bx_end>`` with coordinates normalised to [0, 1] over
 (D, H, W) of the 32x256x256 grid and rounded to 3 decimals.
 """
@@ -75,6 +81,27 @@ def question_for(task: str, arg: str | None = None, choices: list[str] | None = 
             raise PromptError("vqa_closed needs exactly four choices (A, B, C, D)")
         q += " Choices: " + " ".join(f"{letter}. {c}" for letter, c in zip("ABCD", choices, strict=True))
     return q
+
+
+PROMPT_FORMATS = ("auto", "demo", "train")
+
+
+def resolve_prompt_format(task: str | None, prompt_format: str | None = "auto") -> str:
+    """``auto`` -> ``train`` for a task preset, ``demo`` for a free-form question; others as given."""
+    fmt = prompt_format or "auto"
+    if fmt not in PROMPT_FORMATS:
+        raise PromptError(f"unknown prompt format {fmt!r} (choose from {', '.join(PROMPT_FORMATS)})")
+    if fmt == "auto":
+        return "train" if task is not None else "demo"
+    return fmt
+
+
+def prompt_separator(task: str | None, prompt_format: str | None = "auto") -> str:
+    """What goes between the image tokens and the question: ``""`` or ``" "`` (see the module docstring)."""
+    fmt = resolve_prompt_format(task, prompt_format)
+    if fmt == "demo":
+        return ""
+    return " " if task is None or TASKS[task].space else ""
 
 
 def build_prompt(question: str, image_token: str, num_image_tokens: int, space: bool = True) -> str:

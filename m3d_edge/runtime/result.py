@@ -42,6 +42,7 @@ class Result:
     target: str | None = None  # the task argument (segment label), when known
     notes: list[str] = field(default_factory=list)  # warnings met while writing outputs
     source_mask_voxels: int | None = None  # foreground voxels of the mask on the source grid, once mapped
+    prompt: dict[str, Any] = field(default_factory=dict)  # format ("demo"/"train"), separator, tokens
 
     # -- parts of the schema -----------------------------------------------------------------------
     def study_dict(self) -> dict[str, Any]:
@@ -134,6 +135,7 @@ class Result:
             "question": self.question,
             "task": self.task,
             "target": self.target,
+            "prompt": dict(self.prompt),
             "text": self.text,
             "tokens": [int(t) for t in self.tokens],
             "stop_reason": self.stop_reason,

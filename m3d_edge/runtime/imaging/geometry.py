@@ -158,6 +158,12 @@ def box_to_source(box: list[float] | tuple[float, ...], record: PreprocessRecord
         k_lo, k_hi = _grid_to_source_range(a, b, (c1 - c0) / target[ax], c1 - c0)
         src_lo.append(k_lo + c0)
         src_hi.append(k_hi + c0)
+    from m3d_edge.runtime.imaging.orientation import index_from_model_order
+
+    shape = record.oriented_shape
+    corners = [index_from_model_order(c, record.perm, record.flip, shape) for c in (src_lo, src_hi)]
+    src_lo = [min(a, b) for a, b in zip(*corners, strict=True)]
+    src_hi = [max(a, b) for a, b in zip(*corners, strict=True)]
     geom = record.source_geometry
     p0, p1 = geom.zyx_to_lps(src_lo), geom.zyx_to_lps(src_hi)
     return SourceBox(
@@ -185,8 +191,11 @@ def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
 def mask_to_source(mask: np.ndarray, record: PreprocessRecord) -> np.ndarray:
     """Map a model-grid mask ``[32,256,256]`` (or ``[1,32,256,256]``) to the source grid (uint8, 0/1).
 
-    Nearest neighbour through the inverse of resize and crop; voxels outside the crop box are 0.
+    Nearest neighbour through the inverse of resize and crop, then the inverse of the reorientation;
+    voxels outside the crop box are 0.
     """
+    from m3d_edge.runtime.imaging.orientation import from_model_order
+
     m = np.asarray(mask)
     if m.ndim == 4 and m.shape[0] == 1:
         m = m[0]
@@ -195,13 +204,13 @@ def mask_to_source(mask: np.ndarray, record: PreprocessRecord) -> np.ndarray:
     m = (m > 0.5) if m.dtype.kind == "f" else (m != 0)
     cropped = [record.crop_stop[a] - record.crop_start[a] for a in range(3)]
     iz, iy, ix = (_nearest_index(cropped[a], record.target_shape[a]) for a in range(3))
-    out = np.zeros(record.source_shape, dtype=np.uint8)
+    out = np.zeros(record.oriented_shape, dtype=np.uint8)
     out[
         record.crop_start[0] : record.crop_stop[0],
         record.crop_start[1] : record.crop_stop[1],
         record.crop_start[2] : record.crop_stop[2],
     ] = m[np.ix_(iz, iy, ix)]
-    return out
+    return from_model_order(out, record.perm, record.flip) if record.reoriented else out
 
 
 def write_nifti_mask(mask: np.ndarray, geometry: Geometry, path: Path | str) -> Path:
@@ -231,6 +240,36 @@ def write_nifti_mask(mask: np.ndarray, geometry: Geometry, path: Path | str) -> 
     return path
 
 
+#: Type 2 patient/study attributes highdicom copies from the source: they must be present, may be empty
+TYPE2_SOURCE_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDate",
+    "StudyTime",
+)
+
+
+def with_type2_attributes(ds: Any) -> Any:
+    """``ds`` itself when every Type 2 source attribute is present, else a copy with the absent ones empty.
+
+    De-identification tools often drop them; the standard allows them empty (zero length) in the SEG.
+    """
+    missing = [k for k in TYPE2_SOURCE_ATTRIBUTES if k not in ds]
+    if not missing:
+        return ds
+    import copy
+
+    ds = copy.deepcopy(ds)
+    for k in missing:
+        setattr(ds, k, "")
+    return ds
+
+
 def write_dicom_seg(
     mask: np.ndarray,
     study: Study,
@@ -243,6 +282,8 @@ def write_dicom_seg(
     """Write a source-grid ``(z, y, x)`` mask as a BINARY DICOM Segmentation referencing the source series."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
+
+    from m3d_edge.runtime.imaging.seg_codes import segment_coding
 
     path = Path(path)
     name = f"series {study.series_number}" if study.series_number is not None else str(study.source_path)
@@ -269,6 +310,7 @@ def write_dicom_seg(
         raise StudyError(f"{name}: SEG output for series of several multi-frame instances is not supported")
 
     label = (" ".join(str(label).split()) or "segment").replace("\\", "/")[:64]
+    coding = segment_coding(label)
     algo = hd.AlgorithmIdentificationSequence(
         name=str(bundle_id)[:64],
         family=codes.cid7162.ArtificialIntelligence,
@@ -277,14 +319,18 @@ def write_dicom_seg(
     desc = hd.seg.SegmentDescription(
         segment_number=1,
         segment_label=label,
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_category=coding.category,
+        segmented_property_type=coding.type,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algo,
+        anatomic_regions=[coding.region] if coding.region is not None else None,
+        display_color=hd.color.CIELabColor.from_rgb(*coding.rgb),
     )
+    if coding.laterality is not None:
+        desc.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(coding.laterality)]
     try:
         seg = hd.seg.Segmentation(
-            source_images=list(study.source_datasets),
+            source_images=[with_type2_attributes(ds) for ds in study.source_datasets],
             pixel_array=pixel_array,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[desc],

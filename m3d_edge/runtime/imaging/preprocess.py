@@ -1,8 +1,10 @@
 """M3D preprocessing, torch-free: window -> min-max -> CropForeground -> trilinear resize to 32x256x256.
 
-Matches the original pipeline: global min-max to [0, 1], MONAI ``CropForeground`` (bounding box of voxels
+First the volume is viewed in the model's voxel order (Superior, Posterior, Left; the choice and its
+evidence are in :mod:`.orientation`), so the same study stored in any orientation gives the same input.
+Then, as the original pipeline: global min-max to [0, 1], MONAI ``CropForeground`` (bounding box of voxels
 ``> 0``, margin 0), then ``F.interpolate(mode="trilinear", align_corners=False)`` without antialias to
-``(32, 256, 256)`` in ``(z, y, x)`` order. Every step is recorded in a JSON-serialisable
+``(32, 256, 256)``. Every step is recorded in a JSON-serialisable
 :class:`PreprocessRecord` so model outputs can be mapped back (see :mod:`.geometry`).
 """
 
@@ -15,6 +17,7 @@ import numpy as np
 
 from m3d_edge.errors import StudyError
 from m3d_edge.runtime.imaging.geometry import TARGET_SHAPE, Geometry
+from m3d_edge.runtime.imaging.orientation import canonical_axes, to_model_order
 
 if TYPE_CHECKING:  # pragma: no cover
     from m3d_edge.runtime.imaging.study import Study
@@ -32,19 +35,35 @@ WINDOWS: dict[str, tuple[float, float]] = {
 
 @dataclass
 class PreprocessRecord:
-    """What preprocessing did, enough to map model-grid boxes and masks back to the source volume."""
+    """What preprocessing did, enough to map model-grid boxes and masks back to the source volume.
 
-    source_shape: tuple[int, int, int]  # (z, y, x) of the source volume
-    crop_start: tuple[int, int, int]  # (z, y, x), inclusive
-    crop_stop: tuple[int, int, int]  # (z, y, x), exclusive
+    ``crop_start``, ``crop_stop`` and ``zoom`` are on the source volume viewed in model order
+    (``to_model_order(source, perm, flip)``, shape :attr:`oriented_shape`); ``perm``/``flip`` are the
+    identity for a study already stored in that order.
+    """
+
+    source_shape: tuple[int, int, int]  # (z, y, x) of the source volume as stored
+    crop_start: tuple[int, int, int]  # inclusive, on the model-order view of the source
+    crop_stop: tuple[int, int, int]  # exclusive, on the model-order view of the source
     target_shape: tuple[int, int, int]  # (32, 256, 256)
-    zoom: tuple[float, float, float]  # target / cropped size per axis (z, y, x)
+    zoom: tuple[float, float, float]  # target / cropped size per (model-order) axis
     source_geometry: Geometry
     window: str = "m3d"
     clip: tuple[float, float] | None = None  # HU clip bounds applied (None: identity record)
     value_range: tuple[float, float] | None = None  # min/max after clipping, mapped to 0 and 1
     identity: bool = False  # True for already-preprocessed (M3D .npy) input
     notes: list[str] = field(default_factory=list)
+    perm: tuple[int, int, int] = (0, 1, 2)  # model axis a is stored axis perm[a] ...
+    flip: tuple[bool, bool, bool] = (False, False, False)  # ... reversed when flip[a]
+
+    @property
+    def oriented_shape(self) -> tuple[int, int, int]:
+        """Shape of the source volume viewed in model order."""
+        return tuple(int(self.source_shape[p]) for p in self.perm)
+
+    @property
+    def reoriented(self) -> bool:
+        return tuple(self.perm) != (0, 1, 2) or any(self.flip)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +78,7 @@ class PreprocessRecord:
             "value_range": list(self.value_range) if self.value_range is not None else None,
             "identity": self.identity,
             "notes": list(self.notes),
+            "orientation": {"perm": list(self.perm), "flip": list(self.flip)},
         }
 
     @classmethod
@@ -76,6 +96,8 @@ class PreprocessRecord:
             value_range=tuple(d["value_range"]) if d.get("value_range") is not None else None,
             identity=bool(d.get("identity", False)),
             notes=list(d.get("notes", [])),
+            perm=tuple(int(v) for v in d.get("orientation", {}).get("perm", (0, 1, 2))),
+            flip=tuple(bool(v) for v in d.get("orientation", {}).get("flip", (False,) * 3)),
         )
 
 
@@ -174,7 +196,8 @@ def preprocess(study: Study | np.ndarray, window: str = "m3d", geometry: Geometr
         )
         return np.ascontiguousarray(hu, dtype=np.float32)[None], rec
 
-    norm, clip, vrange = normalize(hu, window)
+    can = canonical_axes(geometry.affine, hu.shape)
+    norm, clip, vrange = normalize(to_model_order(hu, can.perm, can.flip), window)
     start, stop = crop_foreground_box(norm)
     cropped = norm[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
     out = resize_trilinear(cropped, TARGET_SHAPE)
@@ -188,5 +211,11 @@ def preprocess(study: Study | np.ndarray, window: str = "m3d", geometry: Geometr
         window=window,
         clip=clip,
         value_range=vrange,
+        perm=can.perm,
+        flip=can.flip,
     )
+    if rec.reoriented:
+        rec.notes.append(
+            f"reoriented to the model's voxel order (S, P, L): axes {can.perm}, flips {can.flip}"
+        )
     return out[None], rec
