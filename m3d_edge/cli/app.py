@@ -974,6 +974,11 @@ def build_engines_cmd(
     console.print(table)
 
 
+from m3d_edge.cli import serve as _serve  # noqa: E402  (its own module: m3d-edge serve)
+
+_serve.register(app)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

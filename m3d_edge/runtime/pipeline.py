@@ -4,8 +4,9 @@
     result = pipe.ask("ct_folder/", task="segment", target="liver")
     print(result.text, result.box, result.mask.shape)
 
-Per study the image embeddings, the SegVol image embedding and the KV cache of the last prompt are kept,
-so further questions on the same study pay neither encoder again and reuse the shared prompt prefix.
+Per study the image embeddings, the SegVol image embedding and the KV cache of the last prompt are kept
+in an LRU with a memory budget (``pipe.studies``, :mod:`m3d_edge.runtime.study_cache`), so further
+questions on a recent study pay neither encoder again and reuse the shared prompt prefix.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from m3d_edge.runtime.prompts import (
     resolve_prompt_format,
 )
 from m3d_edge.runtime.result import Result
+from m3d_edge.runtime.study_cache import StudyCache
 
 CACHE_ROUND = 256  # KV cache sizes are rounded up to this, so a chat rarely regrows it
 
@@ -109,7 +111,7 @@ class Pipeline:
             self._open_sessions(precision)
         ids = manifest.token_ids
         self.seg_id, self.eos_ids = int(ids["seg"]), {int(i) for i in ids["eos"]}
-        self.state: StudyState | None = None
+        self.studies = StudyCache()  # by content key; the default budget keeps the last study only
 
     def _open_sessions(self, precision: str | dict[str, str] | None) -> None:
         """ONNX Runtime sessions, each graph at the precision asked for or the manifest's default."""
@@ -153,11 +155,28 @@ class Pipeline:
         return cls(bundle, read_manifest(bundle, verify=verify), options or BackendOptions(), precision)
 
     # -- studies ---------------------------------------------------------------------------------
+    @property
+    def state(self) -> StudyState | None:
+        """The most recently used study (setting one caches it; setting None forgets every study)."""
+        return self.studies.last
+
+    @state.setter
+    def state(self, value: StudyState | None) -> None:
+        if value is None:
+            self.studies.clear()
+        else:
+            self.studies.put(value.key, value)
+
+    def forget(self, study: Any) -> bool:
+        """Drop a study's cached state (call before its files are removed); True if it was cached."""
+        return self.studies.discard(_study_key(study))
+
     def prepare(self, study: Any, window: str = "m3d") -> StudyState:
         """Load and preprocess a study (path or array) and run the vision graph, once per study."""
         key = _study_key(study)
-        if self.state is not None and self.state.key == key:
-            return self.state
+        state = self.studies.get(key)
+        if state is not None:
+            return state
         loaded = record = None
         if isinstance(study, str | Path):
             from m3d_edge.runtime.imaging import load_study, preprocess
@@ -173,7 +192,7 @@ class Pipeline:
         t0 = time.perf_counter()
         embeds = self.sessions["vision"].run({"image": image})["image_embeds"]
         state = StudyState(key, image, embeds, record, loaded, timings={"vision": time.perf_counter() - t0})
-        self.state = state
+        self.studies.put(key, state)
         return state
 
     def seg_embedding(self, state: StudyState) -> np.ndarray:
@@ -229,9 +248,9 @@ class Pipeline:
             question = question_for(task, target if target is not None else question, choices, box)
         if not question:
             raise PromptError("no question given (pass a question or a task)")
-        previous = self.state
+        misses = self.studies.misses
         state = self.prepare(study, window)
-        cached = state is previous
+        cached = self.studies.misses == misses
         ids = self.prompt_ids(question, separator == " ")
         embeds = self.embed(ids, state.image_embeds)
         max_new = int(max_new_tokens or self.manifest.generation["max_new_tokens"])
@@ -242,6 +261,7 @@ class Pipeline:
             )
         if state.cache is None or state.cache.max_len < needed:
             state.cache = self.decoder.new_cache(min(limit, -(-needed // CACHE_ROUND) * CACHE_ROUND))
+            self.studies.enforce()  # the study grew by its KV cache
         gen = generate(
             self.decoder,
             state.cache,

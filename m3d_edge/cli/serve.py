@@ -1,0 +1,156 @@
+"""``m3d-edge serve``: the HTTP API (m3d_edge.serve) under uvicorn, with its TLS and graceful shutdown."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+from pathlib import Path
+
+import typer
+
+from m3d_edge.cli.common import handle_errors, note, open_pipeline
+from m3d_edge.errors import PromptError
+
+EXAMPLES = (
+    "m3d-edge serve ./bundle --api-key-file ./keys.txt",
+    "M3D_EDGE_API_KEYS=$(openssl rand -hex 24) m3d-edge serve ./bundle --port 8080 --cache-mb 4096",
+    "m3d-edge serve ./bundle --api-key-file keys.txt --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem",
+    "m3d-edge serve ./bundle --api-key-file keys.txt --allowed-root /data/studies --max-queue 16",
+)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _log_config() -> dict:
+    from uvicorn.config import LOGGING_CONFIG
+
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    cfg["loggers"]["m3d_edge.serve"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return cfg
+
+
+def serve(
+    bundle: Path = typer.Argument(
+        ..., help="Bundle folder written by `m3d-edge export`.", show_default=False
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    api_key_file: Path | None = typer.Option(
+        None,
+        "--api-key-file",
+        help="API keys, one per line: KEY, optionally followed by scopes studies,ask,metrics; or M3D_EDGE_API_KEYS.",
+    ),
+    max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests admitted at once; more get 503."),
+    max_upload_mb: float = typer.Option(1024, "--max-upload-mb", min=0.001, help="Largest upload (MB)."),
+    cache_mb: float = typer.Option(2048, "--cache-mb", min=0, help="Memory budget of the study cache (MB)."),
+    allowed_root: Path | None = typer.Option(
+        None, "--allowed-root", help="Let clients name server-side studies inside this folder."
+    ),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="TLS certificate (PEM); with --tls-key."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="TLS private key (PEM)."),
+    precision: str | None = typer.Option(
+        None, "--precision", help="Graph precision variant (fp32, int8, ...)."
+    ),
+    threads: int = typer.Option(
+        0, "--threads", help="Intra-op threads per graph (0: onnxruntime's default)."
+    ),
+    provider: str = typer.Option("cpu", "--provider", help="Execution provider: cpu, cuda, tensorrt, trt."),
+    timeout: float = typer.Option(300, "--timeout", min=0.1, help="Seconds a request may take (504 after)."),
+    grace: int = typer.Option(20, "--grace", min=0, help="SIGTERM: seconds in-flight requests may finish."),
+    data_dir: Path | None = typer.Option(
+        None,
+        "--data-dir",
+        help="Keep uploads and results here (default: a temporary folder, removed at exit).",
+    ),
+    cors_origin: list[str] | None = typer.Option(
+        None, "--cors-origin", help="Allow this browser origin (repeatable); CORS is off without it."
+    ),
+    no_auth: bool = typer.Option(False, "--no-auth", help="No API keys (refused unless bound to loopback)."),
+) -> None:
+    """Serve the bundle over HTTP: upload studies, ask questions (JSON or streamed), fetch masks and reports.
+
+    One model per process; requests run in order on a bounded queue (503 + Retry-After when full). Every
+    route but /healthz and /readyz needs an API key (Authorization: Bearer KEY or X-API-Key: KEY).
+    """
+    import uvicorn
+
+    from m3d_edge.serve.auth import keys_from_env, read_key_file
+    from m3d_edge.serve.config import ServeConfig
+    from m3d_edge.serve.http import create_app
+
+    if (tls_cert is None) != (tls_key is None):
+        raise PromptError("--tls-cert and --tls-key go together")
+    for p in (tls_cert, tls_key):
+        if p is not None and not p.is_file():
+            raise PromptError(f"{p}: no such file")
+    if allowed_root is not None and not allowed_root.is_dir():
+        raise PromptError(f"--allowed-root {allowed_root}: not a folder")
+    keys = []
+    if api_key_file is not None:
+        keys, warning = read_key_file(api_key_file)
+        if warning:
+            note(f"warning: {warning}")
+    keys += keys_from_env()
+    if not keys and not no_auth:
+        raise PromptError(
+            "no API keys: give --api-key-file FILE or set M3D_EDGE_API_KEYS (or --no-auth on loopback)"
+        )
+    if no_auth and not _loopback(host):
+        raise PromptError(f"--no-auth is only allowed on a loopback address, not {host}")
+    if not _loopback(host) and tls_cert is None:
+        note(f"warning: serving plain HTTP on {host}; API keys and studies cross the network unencrypted")
+    config = ServeConfig(
+        bundle=bundle,
+        api_keys=keys,
+        no_auth=no_auth,
+        host=host,
+        port=port,
+        max_queue=max_queue,
+        timeout_s=timeout,
+        max_upload_mb=max_upload_mb,
+        cache_mb=cache_mb,
+        allowed_root=allowed_root,
+        data_dir=data_dir,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        cors_origins=list(cors_origin or []),
+        precision=precision,
+        threads=threads,
+        provider=provider,
+        grace_s=grace,
+    )
+    pipe = open_pipeline(bundle, precision, threads, provider)  # a bad bundle fails here, exit 4
+    app = create_app(config, pipe)
+    state = app.state.m3d
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: refuse new work, let the rest drain
+            state.worker.begin_close()
+            super().handle_exit(sig, frame)
+
+    uv = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        access_log=False,  # the app logs its own access lines (no query strings)
+        log_config=_log_config(),
+        ssl_certfile=str(tls_cert) if tls_cert else None,
+        ssl_keyfile=str(tls_key) if tls_key else None,
+        timeout_graceful_shutdown=grace,
+        server_header=False,
+        proxy_headers=False,
+    )
+    Server(uv).run()
+
+
+def register(app: typer.Typer) -> None:
+    from m3d_edge.cli.app import _epilog
+
+    app.command("serve", epilog=_epilog(*EXAMPLES))(handle_errors(serve))
