@@ -141,6 +141,9 @@ MaxNewOpt = typer.Option(None, "--max-new-tokens", "-n", help="Stop after N new 
 PrecisionOpt = typer.Option(None, "--precision", help="Graph precision variant.")
 ThreadsOpt = typer.Option(0, "--threads", help="Intra-op threads per graph (0: onnxruntime's default).")
 ProviderOpt = typer.Option(Provider.cpu, "--provider", help="Execution provider.")
+FormatOpt = typer.Option(
+    "json,nifti,seg", "--format", help="Comma-separated: json, nifti, seg, sr (DICOM SR of the answer)."
+)
 ForceSegOpt = typer.Option(
     False,
     "--force-seg",
@@ -506,6 +509,7 @@ def _inspect_study(path: Path, as_json: bool) -> None:
 @app.command(
     epilog=_epilog(
         "m3d-edge run ./bundle ./ct_folder --task segment --target liver --out ./out",
+        "m3d-edge run ./bundle ./ct_folder --task report --out ./out --format json,sr",
         "m3d-edge run ./bundle ./case.nii.gz --task locate --target 'the spleen' --json",
         "m3d-edge run ./bundle ./case.npy --task vqa -q 'Which organ is abnormal?' --stream",
         "m3d-edge run ./bundle ./case.npy --task vqa_closed -q 'Which plane?' "
@@ -523,8 +527,9 @@ def run(
     choice: list[str] | None = ChoiceOpt,
     box: str | None = BoxOpt,
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Write result.json, mask NIfTI, DICOM SEG here."
+        None, "--out", "-o", help="Write result.json, mask NIfTI, DICOM SEG (and SR) here."
     ),
+    formats: str = FormatOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the result JSON on stdout (nothing else)."),
     stream: bool = typer.Option(False, "--stream", help="Print the answer as it is generated."),
     max_new_tokens: int | None = MaxNewOpt,
@@ -542,9 +547,10 @@ def run(
     force_seg: bool = ForceSegOpt,
 ) -> None:
     """Ask one question about one study; print the answer, box and mask, optionally write files."""
-    from m3d_edge.runtime.outputs import write_outputs
+    from m3d_edge.runtime.outputs import parse_formats, write_outputs
 
     request = task_request(task, target, question, choice, box)
+    fmt = parse_formats(formats)
     if want_preview and out is None:
         raise PromptError("--preview needs --out DIR")
     params = sampling_params(sample, temperature, top_p, top_k, seed)
@@ -556,7 +562,9 @@ def run(
     if stream:
         (sys.stderr if as_json else sys.stdout).write("\n")
     if out is not None:
-        write_outputs(result, out, bundle_id=pipe.manifest.bundle_id, bundle_version=pipe.manifest.producer)
+        write_outputs(
+            result, out, formats=fmt, bundle_id=pipe.manifest.bundle_id, bundle_version=pipe.manifest.producer
+        )
     html = preview([result], out) if want_preview and out is not None else None
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
@@ -684,7 +692,7 @@ def batch(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Output folder (one subfolder per study).", show_default=False
     ),
-    formats: str = typer.Option("json,nifti,seg", "--format", help="Comma-separated: json, nifti, seg."),
+    formats: str = FormatOpt,
     max_new_tokens: int | None = MaxNewOpt,
     precision: Precision | None = PrecisionOpt,
     threads: int = ThreadsOpt,
@@ -698,13 +706,10 @@ def batch(
     study is done, 10 when some failed (see OUT/errors.jsonl); rerun the same command to retry them.
     """
     from m3d_edge.cli.batch import run_batch, summary_table
-    from m3d_edge.runtime.outputs import FORMATS
+    from m3d_edge.runtime.outputs import parse_formats
 
     request = task_request(task, target, question, choice, box)
-    fmt = tuple(f.strip() for f in formats.split(",") if f.strip())
-    bad = [f for f in fmt if f not in FORMATS]
-    if bad or not fmt:
-        raise PromptError(f"--format {formats!r}: choose from {', '.join(FORMATS)}")
+    fmt = parse_formats(formats)
     if not root.is_dir():
         raise StudyError(f"{root}: not a folder")
     pipe = open_pipeline(bundle, precision, threads, provider)
