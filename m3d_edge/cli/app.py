@@ -917,6 +917,11 @@ def build_engines_cmd(
     console.print(table)
 
 
+from m3d_edge.cli.listen import register as _register_listen  # noqa: E402
+
+_register_listen(app, _epilog)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
