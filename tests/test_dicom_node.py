@@ -403,3 +403,27 @@ def test_status_and_retry_commands(tmp_path):
     r = CliRunner().invoke(app, ["listen-status", "--config", str(tmp_path / "bad.toml")])
     assert r.exit_code == 2 and "port 70000" in r.stderr
     shutil.rmtree(state(config))
+
+
+def test_limits_refuse_without_crashing(bundle, tmp_path):
+    datasets = series(tmp_path / "mr", seed=7, slices=10)
+    for ds in datasets:  # MR: no rule matches, so nothing but the limits is exercised
+        ds.Modality = "MR"
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    size = len((tmp_path / "mr" / "CT0001.dcm").read_bytes())
+    port = free_port()
+    limits = {"max_instances_per_association": 3, "max_spool_mb": 4.5 * size / 1e6, "quiet_seconds": 60}
+    config = write_config(tmp_path, port, free_port(), **limits)
+    listener = Listener(bundle, config, port).start()
+    try:
+        assert send(port, datasets[:5]) == [0, 0, 0, 0xA700, 0xA700]  # per association
+        assert send(port, datasets[5:8]) == [0, 0xA700, 0xA700]  # the spool holds 4 of 4.5
+        assert echo(port)  # still serving
+        incoming = state(config) / "incoming" / datasets[0].SeriesInstanceUID
+        assert sorted(p.stem for p in incoming.glob("*.dcm")) == sorted(
+            ds.SOPInstanceUID for ds in datasets[:3] + datasets[5:6]
+        )
+        text = listener.text()
+        assert "over 3 instances in one association" in text and "spool limit" in text
+    finally:
+        listener.stop()
