@@ -110,4 +110,9 @@ def test_segment_label_and_names():
     assert segment_label(r) == "free question"
     r.target = "spleen"
     assert segment_label(r) == "spleen"
-    assert output_names("x") == {"json": "x.json", "nifti": "x_mask.nii.gz", "seg": "x_seg.dcm"}
+    assert output_names("x") == {
+        "json": "x.json",
+        "nifti": "x_mask.nii.gz",
+        "seg": "x_seg.dcm",
+        "sr": "x_sr.dcm",
+    }

@@ -162,6 +162,12 @@ PromptFormatOpt = typer.Option(
     help="auto: task presets as in M3D's training data (a space after the image tokens, none for report), "
     "free questions as M3D's demo scripts (no space); demo or train: that format for every prompt.",
 )
+FormatOpt = typer.Option(
+    None,
+    "--format",
+    help="Comma-separated: json, nifti, seg, sr (DICOM SR of the answer); default: each that applies "
+    "(json, nifti with a mask, seg for a DICOM series).",
+)
 ForceSegOpt = typer.Option(
     False,
     "--force-seg",
@@ -530,6 +536,7 @@ def _inspect_study(path: Path, as_json: bool) -> None:
 @app.command(
     epilog=_epilog(
         "m3d-edge run ./bundle ./ct_folder --task segment --target liver --out ./out",
+        "m3d-edge run ./bundle ./ct_folder --task report --out ./out --format json,sr",
         "m3d-edge run ./bundle ./case.nii.gz --task locate --target 'the spleen' --json",
         "m3d-edge run ./bundle ./case.npy --task vqa -q 'Which organ is abnormal?' --stream",
         "m3d-edge run ./bundle ./case.npy --task vqa_closed -q 'Which plane?' "
@@ -547,8 +554,9 @@ def run(
     choice: list[str] | None = ChoiceOpt,
     box: str | None = BoxOpt,
     out: Path | None = typer.Option(
-        None, "--out", "-o", help="Write result.json, mask NIfTI, DICOM SEG here."
+        None, "--out", "-o", help="Write result.json, mask NIfTI, DICOM SEG (and SR) here."
     ),
+    formats: str = FormatOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the result JSON on stdout (nothing else)."),
     stream: bool = typer.Option(False, "--stream", help="Print the answer as it is generated."),
     max_new_tokens: int | None = MaxNewOpt,
@@ -569,8 +577,10 @@ def run(
 ) -> None:
     """Ask one question about one study; print the answer, box and mask, optionally write files."""
     from m3d_edge.cli.jobs import write_run_outputs
+    from m3d_edge.runtime.outputs import parse_formats
 
     request = task_request(task, target, question, choice, box)
+    fmt = parse_formats(formats)
     if want_preview and out is None:
         raise PromptError("--preview needs --out DIR")
     if out is not None and out.exists() and not out.is_dir():
@@ -591,7 +601,7 @@ def run(
     if stream:
         (sys.stderr if as_json else sys.stdout).write("\n")
     if out is not None:
-        write_run_outputs(result, out, pipe, private)
+        write_run_outputs(result, out, pipe, private, formats=fmt)
     html = preview([result], out) if want_preview and out is not None else None
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
@@ -735,11 +745,7 @@ def batch(
     out: Path = typer.Option(
         ..., "--out", "-o", help="Output folder (one subfolder per study).", show_default=False
     ),
-    formats: str | None = typer.Option(
-        None,
-        "--format",
-        help="Comma-separated: json, nifti, seg (default: each that applies; seg for DICOM).",
-    ),
+    formats: str | None = FormatOpt,
     max_new_tokens: int | None = MaxNewOpt,
     precision: Precision | None = PrecisionOpt,
     threads: int = ThreadsOpt,
@@ -757,13 +763,10 @@ def batch(
     batch on the same OUT exits 11. --private names outputs by a keyed hash (see the README).
     """
     from m3d_edge.cli.batch import run_batch_cli, summary_table
-    from m3d_edge.runtime.outputs import FORMATS
+    from m3d_edge.runtime.outputs import parse_formats
 
     request = task_request(task, target, question, choice, box)
-    fmt = tuple(f.strip() for f in formats.split(",") if f.strip()) if formats is not None else None
-    bad = [f for f in fmt or () if f not in FORMATS]
-    if bad or fmt == ():
-        raise PromptError(f"--format {formats!r}: choose from {', '.join(FORMATS)}")
+    fmt = parse_formats(formats)
     if not root.is_dir():
         raise StudyError(f"{root}: not a folder")
     from m3d_edge.jobs.discovery import check_out
@@ -977,6 +980,10 @@ def build_engines_cmd(
 from m3d_edge.cli import serve as _serve  # noqa: E402  (its own module: m3d-edge serve)
 
 _serve.register(app)
+
+from m3d_edge.cli.listen import register as _register_listen  # noqa: E402
+
+_register_listen(app, _epilog)
 
 
 def main() -> None:

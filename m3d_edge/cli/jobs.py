@@ -6,16 +6,17 @@ from pathlib import Path
 
 from m3d_edge.jobs.outputs import write_result
 from m3d_edge.jobs.privacy import Privacy, private_enabled
-from m3d_edge.runtime.outputs import FORMATS
 
 
-def write_run_outputs(result, out: Path, pipe, private: bool = False) -> dict[str, str]:
+def write_run_outputs(
+    result, out: Path, pipe, private: bool = False, formats: tuple[str, ...] | None = None
+) -> dict[str, str]:
     """``run --out``: replace the folder's previous result (mask and SEG included) with this one."""
     privacy = Privacy(out) if private_enabled(private) else None
     return write_result(
         result,
         Path(out),
-        FORMATS,
+        formats,
         bundle_id=pipe.manifest.bundle_id,
         bundle_version=pipe.manifest.producer,
         privacy=privacy,

@@ -13,7 +13,7 @@ from m3d_edge.jobs.resume import RESULT_NAME, clear_outputs
 def write_result(
     result,
     folder: Path,
-    formats: tuple[str, ...],
+    formats: tuple[str, ...] | None,
     *,
     bundle_id: str,
     bundle_version: str,
@@ -27,13 +27,16 @@ def write_result(
     """
     import json
 
-    from m3d_edge.runtime.outputs import write_outputs
+    from m3d_edge.runtime.outputs import DEFAULT_FORMATS, write_outputs
 
     clear_outputs(folder)
     if key is not None:
         result.provenance = {**result.provenance, "job": {"key": key}}
-    files = tuple(f for f in formats if f != "json" and not (privacy and f == "seg"))
-    if privacy is not None and "seg" in formats and result.mask is not None:
+    asked = formats if formats is not None else DEFAULT_FORMATS
+    files = tuple(f for f in asked if f != "json" and not (privacy and f in ("seg", "sr")))
+    if formats is None and privacy is None:
+        files = None  # each format that applies (see write_outputs)
+    if privacy is not None and "seg" in asked and result.mask is not None:
         result.notes.append("DICOM SEG not written: privacy mode (a SEG carries the source's patient data)")
     written = write_outputs(
         result, folder, formats=files, bundle_id=bundle_id, bundle_version=bundle_version, stem="result"

@@ -1,10 +1,10 @@
-"""Write a :class:`~m3d_edge.runtime.result.Result` to disk: JSON, NIfTI mask, DICOM SEG.
+"""Write a :class:`~m3d_edge.runtime.result.Result` to disk: JSON, NIfTI mask, DICOM SEG, DICOM SR.
 
     paths = write_outputs(result, "out/", bundle_id=pipe.manifest.bundle_id,
                           bundle_version=pipe.manifest.producer)
 
 File names are fixed and derived from ``stem`` only (never from DICOM tag values):
-``{stem}.json``, ``{stem}_mask.nii.gz``, ``{stem}_seg.dcm``. Every file is written atomically and the
+``{stem}.json``, ``{stem}_mask.nii.gz``, ``{stem}_seg.dcm``, ``{stem}_sr.dcm``. Every file is written atomically and the
 JSON last, so a present ``{stem}.json`` means the whole result is on disk (``batch`` resumes on that).
 """
 
@@ -18,13 +18,30 @@ from m3d_edge.errors import PromptError, StudyError
 from m3d_edge.fileio import atomic_write_text
 from m3d_edge.runtime.result import Result
 
-FORMATS = ("json", "nifti", "seg")
+FORMATS = ("json", "nifti", "seg", "sr")
+DEFAULT_FORMATS = ("json", "nifti", "seg")
 _STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def output_names(stem: str = "result") -> dict[str, str]:
     """The file name of each format for ``stem``."""
-    return {"json": f"{stem}.json", "nifti": f"{stem}_mask.nii.gz", "seg": f"{stem}_seg.dcm"}
+    return {
+        "json": f"{stem}.json",
+        "nifti": f"{stem}_mask.nii.gz",
+        "seg": f"{stem}_seg.dcm",
+        "sr": f"{stem}_sr.dcm",
+    }
+
+
+def parse_formats(text: str | None) -> tuple[str, ...] | None:
+    """``"json,seg,sr"`` -> ``("json", "seg", "sr")``; ``None`` stays ``None`` (each format that applies);
+    PromptError naming the choices if any is unknown."""
+    if text is None:
+        return None
+    fmt = tuple(f.strip() for f in str(text).split(",") if f.strip())
+    if not fmt or any(f not in FORMATS for f in fmt):
+        raise PromptError(f"--format {text!r}: choose from {', '.join(FORMATS)}")
+    return fmt
 
 
 def segment_label(result: Result) -> str:
@@ -61,12 +78,14 @@ def write_outputs(
     ``nifti``: the mask on the source grid with the source affine (on the model grid with an identity
     affine when the input was an array or an M3D .npy). ``seg``: a DICOM Segmentation referencing the
     source series. ``formats=None`` asks for every format that applies (``seg`` only for a DICOM series
-    that was not resampled). An asked-for output that cannot be written raises :class:`StudyError`
+    that was not resampled; ``sr`` only when asked for). An asked-for output that cannot be written raises :class:`StudyError`
     naming it, and the JSON is then not written (a present JSON means the whole result is on disk).
     Nothing is written for the mask when the answer has none; a note says so.
+    ``sr``: a Comprehensive 3D SR (question, text, box, SEG reference) of a DICOM study, see
+    :mod:`m3d_edge.runtime.imaging.sr`.
     """
     explicit = formats is not None
-    formats = tuple(formats) if formats is not None else FORMATS
+    formats = tuple(formats) if formats is not None else DEFAULT_FORMATS
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise PromptError(f"unknown output format(s) {', '.join(unknown)} (choose from {', '.join(FORMATS)})")
@@ -118,6 +137,21 @@ def write_outputs(
                 written["seg"] = str(path)
             except StudyError as exc:
                 failed.append(f"DICOM SEG not written: {exc}")
+
+    if "sr" in formats:
+        study = result.study
+        if study is not None and getattr(study, "kind", None) == "dicom":
+            from m3d_edge.runtime.imaging.sr import write_dicom_sr
+
+            try:
+                path = write_dicom_sr(
+                    result, study, out_dir / names["sr"], bundle_id=bundle_id, seg_path=written.get("seg")
+                )
+                written["sr"] = str(path)
+            except StudyError as exc:
+                failed.append(f"DICOM SR not written: {exc}")
+        else:
+            failed.append(f"DICOM SR not written: the study is not DICOM ({_kind(result)})")
 
     result.outputs.update(written)
     if failed:
