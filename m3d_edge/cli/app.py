@@ -77,6 +77,11 @@ class Family(str, Enum):
     llama = "llama"
 
 
+CkptFamily = Enum(
+    "CkptFamily", {"phi3": "phi3", "llama": "llama", "clip": "clip"}, type=str
+)  # clip: M3D-CLIP
+
+
 class Preset(str, Enum):
     tiny = "tiny"
     bench = "bench"
@@ -241,7 +246,7 @@ def demo(
 @handle_errors
 def tiny_checkpoint(
     out: Path = typer.Argument(..., help="Folder to write the checkpoint into.", show_default=False),
-    family: Family = typer.Option(Family.phi3, "--family", help="Decoder family."),
+    family: CkptFamily = typer.Option("phi3", "--family", help="Decoder family (clip: M3D-CLIP retrieval)."),
     preset: Preset = typer.Option(Preset.tiny, "--preset", help="Model size."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
     trained: bool = typer.Option(
@@ -255,6 +260,8 @@ def tiny_checkpoint(
 
     family, preset = _v(family), _v(preset)
     t0 = time.perf_counter()
+    if family == "clip":
+        from m3d_edge.cli.retrieval import tiny_clip as write_tiny_checkpoint  # noqa: F811
     with console.status(f"writing a {preset} {family} checkpoint ...") as status:
 
         def progress(step: int, loss: float) -> None:
@@ -910,6 +917,11 @@ def build_engines_cmd(
         seconds = "reused" if i.reused else f"{i.seconds:.1f}"
         table.add_row(i.graph, i.precision, i.source, fmt_bytes(i.bytes), seconds, i.note)
     console.print(table)
+
+
+from m3d_edge.cli import retrieval as _retrieval  # noqa: E402  (index, search, eval-retrieval)
+
+_retrieval.register(app, _epilog)
 
 
 def main() -> None:
