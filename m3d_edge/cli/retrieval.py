@@ -400,10 +400,13 @@ def eval_retrieval(
     """Recall@1/5/10 image-to-text and text-to-image over (study, report) pairs, as M3D-Bench computes it."""
     items = read_pairs(pairs, split, data_root)
     r = _open_retriever(bundle, threads, max_length)
-    progress = _progress()
-    with progress:
-        bar = progress.add_task("embedding studies", total=len(items))
-        result = evaluate_pairs(r, items, progress=lambda n: progress.update(bar, completed=n))
+    if as_json:  # stdout holds only the JSON
+        result = evaluate_pairs(r, items)
+    else:
+        progress = _progress()
+        with progress:
+            bar = progress.add_task("embedding studies", total=len(items))
+            result = evaluate_pairs(r, items, progress=lambda n: progress.update(bar, completed=n))
     if as_json:
         console.print_json(json.dumps(result))
         return

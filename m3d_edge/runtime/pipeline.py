@@ -63,6 +63,10 @@ class Pipeline:
         options: BackendOptions,
         precision: str | dict[str, str] | None = None,
     ) -> None:
+        if manifest.kind != "lamed":  # a retrieval (M3D-CLIP) bundle: runtime.retrieval.Retriever opens it
+            raise BundleError(
+                f"{bundle}: a {manifest.kind} bundle (M3D-CLIP); use `m3d-edge search` / Retriever"
+            )
         self.bundle, self.manifest, self.options = bundle, manifest, options
         self.dims = manifest.dims
         self.embed_table = np.load(bundle / manifest.embed["file"], mmap_mode="r", allow_pickle=False)

@@ -197,7 +197,7 @@ class Retriever:
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = TEXT_BATCH) -> np.ndarray:
         """Texts -> ``[N, dim]`` unit embeddings; batches group texts of similar length (less padding)."""
-        texts = list(texts)
+        texts = _checked(texts)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         lengths = [len(e.ids) for e in self.tokenizer.encode_batch(_checked(texts))]
