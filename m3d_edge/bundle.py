@@ -29,6 +29,7 @@ SCHEMA_VERSION = 2  # 2: head-major KV cache, full present
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 EMBED_TABLE = "embed.npy"
+KINDS = ("lamed", "retrieval")  # manifest "kind": M3D-LaMed (ask) or M3D-CLIP (embed and search)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,47 @@ def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
     return {s.name: s for s in specs}
 
 
+@dataclass(frozen=True)
+class ClipDims:
+    """The sizes of an M3D-CLIP retrieval bundle (kind ``retrieval``); stored in the manifest."""
+
+    family: str  # "m3d_clip"
+    image_size: tuple[int, int, int]
+    patch_size: tuple[int, int, int]
+    vision_hidden: int
+    vision_layers: int
+    text_hidden: int
+    text_layers: int
+    vocab_size: int
+    max_position_embeddings: int  # the BERT position table: the longest text the graph takes
+    max_text_len: int  # what the tokenizer truncates to (config max_text_len)
+    embed_dim: int  # the shared embedding space (the projections' width)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClipDims:
+        d = dict(d)
+        for k in ("image_size", "patch_size"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def retrieval_graph_specs(dims: ClipDims) -> dict[str, GraphSpec]:
+    """The two towers of a retrieval bundle; each returns L2-normalised token-0 embeddings."""
+    ids = TensorSpec("input_ids", "int64", ("batch", "sequence"))
+    mask = TensorSpec("attention_mask", "int64", ("batch", "sequence"))
+    specs = [
+        GraphSpec(
+            "image_encoder",
+            (TensorSpec("image", "float32", ("batch", 1, *dims.image_size)),),
+            (TensorSpec("image_embeds", "float32", ("batch", dims.embed_dim)),),
+        ),
+        GraphSpec(
+            "text_encoder", (ids, mask), (TensorSpec("text_embeds", "float32", ("batch", dims.embed_dim)),)
+        ),
+    ]
+    return {s.name: s for s in specs}
+
+
 @dataclass
 class GraphEntry:
     """A graph as recorded in the manifest: its files, precision and hashes."""
@@ -182,7 +224,7 @@ class Manifest:
 
     bundle_id: str
     producer: str
-    dims: ModelDims
+    dims: ModelDims | ClipDims
     token_ids: dict[str, Any]  # im_patch, bx_start, bx_end, seg, bos, eos (list), pad
     prompt: dict[str, Any]  # image token string, count, splice start, add_bos
     preprocessing: dict[str, Any]
@@ -192,6 +234,7 @@ class Manifest:
     tokenizer: dict[str, Any]  # file, sha256
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint name, config hash, model_type
     schema_version: int = SCHEMA_VERSION
+    kind: str = "lamed"  # one of KINDS; "retrieval" bundles hold ClipDims and the two tower graphs
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -199,12 +242,17 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
         d = dict(d)
-        d["dims"] = ModelDims.from_dict(d["dims"])
+        kind = d.get("kind", "lamed")
+        if kind not in KINDS:
+            raise ValueError(f"unknown bundle kind {kind!r} (expected one of {', '.join(KINDS)})")
+        d["dims"] = (ClipDims if kind == "retrieval" else ModelDims).from_dict(d["dims"])
         d["graphs"] = {k: GraphEntry(**v) for k, v in d["graphs"].items()}
         return cls(**d)
 
     def specs(self) -> dict[str, GraphSpec]:
-        return graph_specs(self.dims)
+        if self.kind == "retrieval":
+            return retrieval_graph_specs(self.dims)  # type: ignore[arg-type]
+        return graph_specs(self.dims)  # type: ignore[arg-type]
 
 
 def io_declaration(tensors: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
@@ -328,10 +376,9 @@ def graph_files(manifest: Manifest) -> list[tuple[str, dict[str, str]]]:
 
 def manifest_files(manifest: Manifest) -> dict[str, str]:
     """Every file the manifest vouches for, with its expected sha256."""
-    files = {
-        manifest.tokenizer["file"]: manifest.tokenizer["sha256"],
-        manifest.embed["file"]: manifest.embed["sha256"],
-    }
+    files = {manifest.tokenizer["file"]: manifest.tokenizer["sha256"]}
+    if manifest.embed:  # retrieval bundles have no embedding table
+        files[manifest.embed["file"]] = manifest.embed["sha256"]
     for entry in manifest.graphs.values():
         files.update(entry.sha256)
         for variant in entry.variants.values():

@@ -182,6 +182,12 @@ def calibrate_bundle(
     if bad:
         raise CalibrationError(f"decoder weight bits must be 4 or 8 (got {bad})")
     manifest = read_manifest(bundle, verify=True)
+    if manifest.kind == "retrieval":  # M3D-CLIP: INT8 image encoder, gated on embedding cosine
+        from m3d_edge.calibration.retrieval import calibrate_retrieval
+
+        kw = {"method": method, "samples": samples, "held_out": held_out, "force": force, "gates": gates}
+        kw.update(progress=progress, allow_augment=allow_augment, threads=threads, speed_runs=speed_runs)
+        return calibrate_retrieval(bundle, data_dir, **kw)
     unknown = [g for g in graphs if g not in manifest.graphs]
     if "seg_decoder" in graphs:
         raise CalibrationError(

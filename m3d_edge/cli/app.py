@@ -85,6 +85,11 @@ class Family(str, Enum):
     llama = "llama"
 
 
+CkptFamily = Enum(
+    "CkptFamily", {"phi3": "phi3", "llama": "llama", "clip": "clip"}, type=str
+)  # clip: M3D-CLIP
+
+
 class Preset(str, Enum):
     tiny = "tiny"
     bench = "bench"
@@ -268,7 +273,7 @@ def demo(
 @handle_errors
 def tiny_checkpoint(
     out: Path = typer.Argument(..., help="Folder to write the checkpoint into.", show_default=False),
-    family: Family = typer.Option(Family.phi3, "--family", help="Decoder family."),
+    family: CkptFamily = typer.Option("phi3", "--family", help="Decoder family (clip: M3D-CLIP retrieval)."),
     preset: Preset = typer.Option(Preset.tiny, "--preset", help="Model size."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
     trained: bool = typer.Option(
@@ -282,6 +287,8 @@ def tiny_checkpoint(
 
     family, preset = _v(family), _v(preset)
     t0 = time.perf_counter()
+    if family == "clip":
+        from m3d_edge.cli.retrieval import tiny_clip as write_tiny_checkpoint  # noqa: F811
     with console.status(f"writing a {preset} {family} checkpoint ...") as status:
 
         def progress(step: int, loss: float) -> None:
@@ -984,6 +991,10 @@ _serve.register(app)
 from m3d_edge.cli.listen import register as _register_listen  # noqa: E402
 
 _register_listen(app, _epilog)
+
+from m3d_edge.cli import retrieval as _retrieval  # noqa: E402  (index, search, eval-retrieval)
+
+_retrieval.register(app, _epilog)
 
 
 def main() -> None:

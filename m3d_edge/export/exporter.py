@@ -37,6 +37,7 @@ OPSET = 17
 MAX_IR_VERSION = 10  # Jetson and other older onnxruntime builds reject newer IR
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs larger than this keep their weights in a side file
 TOLERANCE = {"vision": 1e-4, "decoder": 1e-3, "seg_encoder": 1e-4, "seg_decoder": 1e-3}
+TOLERANCE.update(image_encoder=1e-4, text_encoder=1e-4)  # M3D-CLIP: gated on cosine (export/clip.py)
 
 
 @dataclass
@@ -129,6 +130,11 @@ def export_bundle(
     from m3d_edge.export.tokenizer import read_token_ids, write_tokenizer_json
 
     ckpt, out = Path(ckpt), Path(out)
+    from m3d_edge.export.clip import export_clip_bundle, is_clip_checkpoint
+
+    if is_clip_checkpoint(ckpt):  # M3D-CLIP -> a retrieval bundle
+        kw = {"allow_pickle": allow_pickle, "validate": validate, "overwrite": overwrite}
+        return export_clip_bundle(ckpt, out, progress=progress, **kw)
     start = time.perf_counter()
     if (out / MANIFEST).exists() and not overwrite:
         raise ExportError(f"{out}: already holds a bundle (pass --overwrite to replace it)")

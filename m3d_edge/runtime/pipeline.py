@@ -97,6 +97,10 @@ class Pipeline:
         options: BackendOptions,
         precision: str | dict[str, str] | None = None,
     ) -> None:
+        if manifest.kind != "lamed":  # a retrieval (M3D-CLIP) bundle: runtime.retrieval.Retriever opens it
+            raise BundleError(
+                f"{bundle}: a {manifest.kind} bundle (M3D-CLIP); use `m3d-edge search` / Retriever"
+            )
         self.bundle, self.manifest, self.options = bundle, manifest, options
         self.dims = manifest.dims
         self.embed_table = load_embed_table(bundle / manifest.embed["file"])
