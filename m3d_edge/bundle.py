@@ -5,13 +5,18 @@ graphs. Each graph's inputs and outputs are declared once here (:func:`graph_spe
 its ONNX input/output names and dynamic axes from that declaration and the runtime derives its bindings
 from it, so the two cannot drift apart.
 
-KV-cache layout: the decoder takes the past keys/values of each layer as ``[batch, kv_heads, past,
-head_dim]`` (the transformers layout, so attention reads them without a transpose) and returns the whole
-cache after the step, ``[batch, kv_heads, past + sequence, head_dim]``. A runtime keeps two preallocated
-flat buffers per tensor and binds the past to the head of one and the present to the head of the other
-(ping-pong), so the graph's own concatenation writes the new cache in place and no step copies or
-allocates it. Logits and the post-norm hidden state are returned for the last position only (all
-generation needs; it saves the vocabulary projection of the whole prompt in prefill).
+Two decoder graphs (schema 3), recorded in ``Manifest.decoders`` by backend:
+
+* ``decoder`` (ONNX Runtime): the fused graph (GroupQueryAttention). Past and present keys/values of each
+  layer are one buffer ``[batch, kv_heads, max_length, head_dim]`` that the runtime binds to both sides;
+  the graph writes the new positions in place after the ``total - sequence`` valid ones (``total`` is the
+  attention mask's width), so no step concatenates, copies or allocates the cache.
+* ``decoder_std`` (TensorRT, optional): standard ONNX ops with the schema-2 contract: past
+  ``[batch, kv_heads, past, head_dim]`` and explicit ``position_ids`` in, the whole cache
+  ``[batch, kv_heads, past + sequence, head_dim]`` out (the TensorRT runtime ping-pongs two buffers).
+
+Logits and the post-norm hidden state are returned for the last position only (all generation needs; it
+saves the vocabulary projection of the whole prompt in prefill).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 from m3d_edge.errors import BundleError
 from m3d_edge.fileio import atomic_write_text
 
-SCHEMA_VERSION = 2  # 2: head-major KV cache, full present
+SCHEMA_VERSION = 3  # 3: fused ORT decoder over a shared fixed-length cache + standard-op TensorRT decoder
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 EMBED_TABLE = "embed.npy"
@@ -114,17 +119,22 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
     )
 
 
-def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
-    """Every graph of a bundle, declared once (DESIGN §3)."""
-    image = TensorSpec("image", "float32", ("batch", 1, *dims.image_size))
-    grid = dims.feature_grid
-    kv = ("batch", dims.num_kv_heads, "past", dims.head_dim)
-    present = ("batch", dims.num_kv_heads, "total", dims.head_dim)
+TENSORRT_DECODER = "decoder_std"  # the manifest entry of the standard-op decoder TensorRT builds from
+
+
+def decoder_spec(dims: ModelDims, standard: bool = False) -> GraphSpec:
+    """The fused decoder's declaration, or (``standard``) the standard-op one's (module docstring)."""
+    if standard:
+        kv = ("batch", dims.num_kv_heads, "past", dims.head_dim)
+        present = ("batch", dims.num_kv_heads, "total", dims.head_dim)
+    else:
+        kv = present = ("batch", dims.num_kv_heads, "max_length", dims.head_dim)
     dec_in = [
         TensorSpec("inputs_embeds", "float32", ("batch", "sequence", dims.hidden_size)),
         TensorSpec("attention_mask", "int64", ("batch", "total")),
-        TensorSpec("position_ids", "int64", ("batch", "sequence")),
     ]
+    if standard:
+        dec_in.append(TensorSpec("position_ids", "int64", ("batch", "sequence")))
     dec_out = [
         TensorSpec("logits", "float32", ("batch", dims.vocab_size)),
         TensorSpec("last_hidden_state", "float32", ("batch", dims.hidden_size)),
@@ -133,6 +143,13 @@ def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
         pk, pv, nk, nv = kv_names(i)
         dec_in += [TensorSpec(pk, "float32", kv), TensorSpec(pv, "float32", kv)]
         dec_out += [TensorSpec(nk, "float32", present), TensorSpec(nv, "float32", present)]
+    return GraphSpec("decoder", tuple(dec_in), tuple(dec_out))
+
+
+def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
+    """Every graph the ONNX Runtime backend runs, declared once (DESIGN §3); the decoder is the fused one."""
+    image = TensorSpec("image", "float32", ("batch", 1, *dims.image_size))
+    grid = dims.feature_grid
     seg_embedding = TensorSpec("image_embedding", "float32", ("batch", dims.seg_hidden, *grid))
     specs = [
         GraphSpec(
@@ -140,7 +157,7 @@ def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
             (image,),
             (TensorSpec("image_embeds", "float32", ("batch", dims.num_image_tokens, dims.hidden_size)),),
         ),
-        GraphSpec("decoder", tuple(dec_in), tuple(dec_out)),
+        decoder_spec(dims),
         GraphSpec("seg_encoder", (image,), (seg_embedding,)),
         GraphSpec(
             "seg_decoder",
@@ -233,6 +250,9 @@ class Manifest:
     embed: dict[str, Any]  # file, sha256, shape
     tokenizer: dict[str, Any]  # file, sha256
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint name, config hash, model_type
+    # which decoder graph each backend runs: {"onnxruntime": "decoder", "tensorrt": "decoder_std"};
+    # "tensorrt" is absent when the bundle has no standard-op decoder (quantized-only exports)
+    decoders: dict[str, str] = field(default_factory=lambda: {"onnxruntime": "decoder"})
     schema_version: int = SCHEMA_VERSION
     kind: str = "lamed"  # one of KINDS; "retrieval" bundles hold ClipDims and the two tower graphs
 
@@ -253,6 +273,22 @@ class Manifest:
         if self.kind == "retrieval":
             return retrieval_graph_specs(self.dims)  # type: ignore[arg-type]
         return graph_specs(self.dims)  # type: ignore[arg-type]
+
+    def tensorrt_specs(self) -> dict[str, GraphSpec]:
+        """The graphs TensorRT builds: the encoders and the standard-op decoder (under the name "decoder")."""
+        return {**self.specs(), "decoder": decoder_spec(self.dims, standard=True)}
+
+    def tensorrt_entry(self, name: str) -> GraphEntry:
+        """The manifest entry TensorRT builds graph ``name`` from; refuses a bundle without a standard decoder."""
+        if name != "decoder":
+            return self.graphs[name]
+        std = self.decoders.get("tensorrt")
+        if not std or std not in self.graphs:
+            raise BundleError(
+                f"bundle {self.bundle_id}: no standard-op decoder for TensorRT (it is written with fp32 exports;"
+                " re-export with `m3d-edge export --precision fp32`)"
+            )
+        return self.graphs[std]
 
 
 def io_declaration(tensors: tuple[TensorSpec, ...]) -> list[dict[str, Any]]:
@@ -293,11 +329,13 @@ def read_manifest(bundle_dir: Path | str, verify: bool = True) -> Manifest:
     if version != SCHEMA_VERSION:
         raise BundleError(
             f"{path}: schema version {version!r} is not supported by this runtime (expects {SCHEMA_VERSION});"
-            " re-export the bundle with a matching m3d-edge"
+            " re-export the bundle with this m3d-edge (`m3d-edge export CHECKPOINT -o BUNDLE`)"
         )
     try:
         manifest = Manifest.from_dict(raw)
-        specs = manifest.specs()
+        specs = dict(manifest.specs())
+        if TENSORRT_DECODER in manifest.graphs:
+            specs[TENSORRT_DECODER] = decoder_spec(manifest.dims, standard=True)
     except (TypeError, KeyError, ValueError, AttributeError, ZeroDivisionError) as e:
         raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
     for name, spec in specs.items():

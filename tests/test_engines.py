@@ -37,7 +37,7 @@ def phi3(tiny_bundles):
 # -- profile shapes -----------------------------------------------------------------------------------------
 def test_decoder_profiles_from_the_declaration(phi3):
     _, m = phi3
-    dims, spec = m.dims, m.specs()["decoder"]
+    dims, spec = m.dims, m.tensorrt_specs()["decoder"]
     ctx = dims.context_length
     shapes = tb.profile_shapes(spec, dims, max_batch=1, max_seq=64, context=ctx)
     assert list(shapes) == spec.input_names()  # every input, in declaration order
@@ -74,7 +74,7 @@ def test_decoder_profiles_from_the_declaration(phi3):
 
 def test_encoder_profiles_and_limits(phi3):
     _, m = phi3
-    dims, specs = m.dims, m.specs()
+    dims, specs = m.dims, m.tensorrt_specs()
     vis = tb.profile_shapes(specs["vision"], dims, max_batch=2)
     assert vis == {"image": [((1, 1, *dims.image_size), (1, 1, *dims.image_size), (2, 1, *dims.image_size))]}
     seg = tb.profile_shapes(specs["seg_decoder"], dims, max_batch=1)
@@ -131,7 +131,7 @@ def test_kv_cache_bytes_matches_the_host_cache(phi3):
     _, m = phi3
     dims = m.dims
     cache = KVCache(dims, 100)
-    host = sum(b.nbytes for side in cache.buffers for b in side)  # both ping-pong buffers
+    host = 2 * sum(b.nbytes for b in cache.buffers)  # the host cache is one buffer set; TensorRT's two
     assert tb.kv_cache_bytes(dims, 100) == host
     assert tb.kv_cache_bytes(dims, 100, np.float16) == host // 2
     assert tb.kv_cache_bytes(dims, 100, "float32", batch=2) == 2 * host
@@ -399,7 +399,7 @@ def _at(addr: int, shape, dtype) -> np.ndarray:
 
 
 def _fake_tensorrt(bundle: Path, manifest, max_seq: int, cudart: _FakeCudart):
-    specs, dims = manifest.specs(), manifest.dims
+    specs, dims = manifest.tensorrt_specs(), manifest.dims
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.99.0"
     trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
@@ -462,7 +462,7 @@ def _fake_tensorrt(bundle: Path, manifest, max_seq: int, cudart: _FakeCudart):
         def __init__(self, plan: dict):
             self.spec = specs[plan["graph"]]
             self.session = ort.InferenceSession(
-                str(bundle / self.spec.file), providers=["CPUExecutionProvider"]
+                str(bundle / manifest.tensorrt_entry(plan["graph"]).file), providers=["CPUExecutionProvider"]
             )
             self.names = self.spec.input_names() + self.spec.output_names()
             self.num_io_tensors = len(self.names)
@@ -533,11 +533,13 @@ def _device_cache(cache: tb.TrtKVCache, layer: int, kv: int) -> np.ndarray:
     return _at(cache.past(layer, kv), (1, cache.kv_heads, cache.length, hd), cache.dtype).copy()
 
 
-def _assert_same_cache(dev: tb.TrtKVCache, host: KVCache, num_layers: int, atol: float = 1e-5) -> None:
+def _assert_same_cache(dev: tb.TrtKVCache, host: KVCache, num_layers: int, atol: float = 2e-4) -> None:
+    # two different graphs (standard ops vs GroupQueryAttention) on tiny std-1.0 weights: float32
+    # accumulation order differs, up to ~8e-5 on keys of magnitude ~10; a position bug is of order 1
     assert dev.length == host.length and dev.ids == host.ids
     for i in range(num_layers):
         for kv in (0, 1):
-            want = host.view(host.front, 2 * i + kv, host.length)
+            want = host.buffers[2 * i + kv][:, :, : host.length]
             np.testing.assert_allclose(_device_cache(dev, i, kv), want, rtol=0, atol=atol)
 
 
@@ -546,7 +548,7 @@ def test_trt_decoder_generates_the_same_tokens(phi3, fake_gpu, pipelines, volume
     folder, info, cudart = fake_gpu
     pipe = pipelines["phi3"]
     dims = m.dims
-    dec = tb.TrtDecoder(folder / "decoder.plan", m.specs()["decoder"], dims, pipe.embed_table, info)
+    dec = tb.TrtDecoder(folder / "decoder.plan", m.tensorrt_specs()["decoder"], dims, pipe.embed_table, info)
     assert dec.max_seq == 100 and dec.context_length == dims.context_length
     state = pipe.prepare(volume)
     ids = pipe.prompt_ids("What is shown?")
@@ -654,7 +656,7 @@ def test_gpu_build_and_parity(tiny_bundles, pipelines, volume, tmp_path):
     assert all(i.reused for i in again)  # same key: nothing rebuilt
     m = read_manifest(bundle)
     pipe = pipelines["phi3"]
-    sessions, dec, _ = tb.open_engines(bundle, "fp32", m.dims, m.specs(), pipe.embed_table)
+    sessions, dec, _ = tb.open_engines(bundle, "fp32", m.dims, m.tensorrt_specs(), pipe.embed_table)
     state = pipe.prepare(volume)
     emb = sessions["vision"].run({"image": state.image})["image_embeds"]
     np.testing.assert_allclose(emb, state.image_embeds, atol=1e-3)

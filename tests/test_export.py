@@ -55,52 +55,96 @@ def test_vision_graph_on_ct_like_volume(tiny_bundles, references, family, volume
     assert np.abs(got - want).max() <= TOL
 
 
-def _decoder_feeds(dims, embeds, past_kv, past_len):
-    feeds = {
-        "inputs_embeds": embeds,
-        "attention_mask": np.ones((embeds.shape[0], past_len + embeds.shape[1]), np.int64),
-        "position_ids": np.arange(past_len, past_len + embeds.shape[1], dtype=np.int64)[None].repeat(
-            embeds.shape[0], 0
-        ),
-    }
+MAX_LEN = 24
+
+
+def _fused_step(sess, dims, embeds, cache, total):
+    """One step of the fused decoder with every past/present pair bound to the same cache buffer."""
+    b = sess.io_binding()
+    logits = np.zeros((1, dims.vocab_size), np.float32)
+    hidden = np.zeros((1, dims.hidden_size), np.float32)
+    b.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+    b.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
     for i in range(dims.num_layers):
-        pk, pv, _, _ = kv_names(i)
-        feeds[pk], feeds[pv] = past_kv[2 * i], past_kv[2 * i + 1]
-    return feeds
+        for j, (past, present) in enumerate(zip(kv_names(i)[:2], kv_names(i)[2:], strict=True)):
+            buf = cache[2 * i + j]
+            b.bind_input(past, "cpu", 0, np.float32, buf.shape, buf.ctypes.data)
+            b.bind_output(present, "cpu", 0, np.float32, buf.shape, buf.ctypes.data)
+    for name, arr in (("logits", logits), ("last_hidden_state", hidden)):
+        b.bind_output(name, "cpu", 0, np.float32, arr.shape, arr.ctypes.data)
+    sess.run_with_iobinding(b)
+    return logits, hidden
+
+
+def _new_cache(dims):
+    return [
+        np.zeros((1, dims.num_kv_heads, MAX_LEN, dims.head_dim), np.float32)
+        for _ in range(2 * dims.num_layers)
+    ]
 
 
 def test_decoder_prefill_matches_torch(tiny_bundles, references, family):
+    """Logits and the post-final-norm hidden state of the last position, and the cache written in place."""
     ref, bundle = references[family], tiny_bundles[family]
     dims = model_dims(ref.cfg)
     embeds = torch.randn(1, 9, dims.hidden_size)
     with torch.no_grad():
-        out = ref.model(inputs_embeds=embeds)
-    empty = [np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), np.float32)] * (2 * dims.num_layers)
-    got = _session(bundle, "decoder").run(None, _decoder_feeds(dims, embeds.numpy(), empty, 0))
-    assert np.abs(got[0] - out.logits[:, -1].numpy()).max() <= TOL_LOGITS
-    assert got[2].shape == (1, dims.num_kv_heads, 9, dims.head_dim)  # the whole cache, head-major
+        out = ref.model(inputs_embeds=embeds, output_hidden_states=True, use_cache=True)
+    cache = _new_cache(dims)
+    logits, hidden = _fused_step(_session(bundle, "decoder"), dims, embeds.numpy(), cache, 9)
+    assert np.abs(logits - out.logits[:, -1].numpy()).max() <= TOL_LOGITS
+    # transformers' last hidden_states entry is after the final norm: the [SEG] state M3D uses
+    assert np.abs(hidden - out.hidden_states[-1][:, -1].numpy()).max() <= TOL
+    key0 = out.past_key_values.layers[0].keys.numpy()
+    assert np.abs(cache[0][:, :, :9] - key0).max() <= TOL and not cache[0][:, :, 9:].any()
 
 
 def test_decoder_steps_with_cache_equal_full_recompute(tiny_bundles, references, family):
-    """Prefill 6 tokens, then 4 single-token steps through the cache == one pass over all 10 tokens."""
+    """Prefill 6 tokens, then a 1-token step, a 2-token chunk (prefix reuse) and single steps == one pass."""
     ref, bundle = references[family], tiny_bundles[family]
     dims = model_dims(ref.cfg)
     sess = _session(bundle, "decoder")
     embeds = np.random.default_rng(1).standard_normal((1, 10, dims.hidden_size)).astype(np.float32)
-    kv = [np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), np.float32)] * (2 * dims.num_layers)
-    length, step_logits = 0, []
-    for chunk in (slice(0, 6), slice(6, 7), slice(7, 8), slice(8, 9), slice(9, 10)):
-        out = sess.run(None, _decoder_feeds(dims, embeds[:, chunk], kv, length))
-        assert np.array_equal(out[2][:, :, :length], kv[0])  # the present starts with the past, unchanged
-        kv = out[2:]
-        length += chunk.stop - chunk.start
-        step_logits.append(out[0])
+    cache, step_logits, length = _new_cache(dims), [], 0
+    for chunk in (slice(0, 6), slice(6, 7), slice(7, 9), slice(9, 10)):
+        before = cache[0][:, :, :length].copy()
+        logits, _ = _fused_step(sess, dims, embeds[:, chunk], cache, chunk.stop)
+        assert np.array_equal(cache[0][:, :, :length], before)  # the past is left as it was
+        length = chunk.stop
+        step_logits.append(logits)
     with torch.no_grad():
         full = ref.model(inputs_embeds=torch.from_numpy(embeds)).logits[0].numpy()
-    for i, stop in enumerate((6, 7, 8, 9, 10)):
+    for i, stop in enumerate((6, 7, 9, 10)):
         assert np.abs(step_logits[i][0] - full[stop - 1]).max() <= TOL_LOGITS
         assert step_logits[i][0].argmax() == full[stop - 1].argmax()
-    assert length == 10 and kv[0].shape[2] == 10
+
+
+def test_standard_decoder_for_tensorrt_matches_torch(tiny_bundles, references, family):
+    """decoder_std: standard ONNX ops only, schema-2 cache (past in, whole cache out), same weights file."""
+    ref, bundle = references[family], tiny_bundles[family]
+    m = read_manifest(bundle)
+    assert m.decoders == {"onnxruntime": "decoder", "tensorrt": "decoder_std"}
+    proto = onnx.load(str(bundle / "decoder_std.onnx"), load_external_data=False)
+    assert {n.domain for n in proto.graph.node} == {""}
+    assert m.graphs["decoder_std"].sha256.keys() == {"decoder_std.onnx", "decoder.onnx.data"}
+    dims = model_dims(ref.cfg)
+    embeds = np.random.default_rng(2).standard_normal((1, 8, dims.hidden_size)).astype(np.float32)
+    sess = _session(bundle, "decoder_std")
+    empty = np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), np.float32)
+    feeds = {"inputs_embeds": embeds[:, :5], "attention_mask": np.ones((1, 5), np.int64),
+             "position_ids": np.arange(5)[None]}  # fmt: skip
+    feeds.update({n: empty for i in range(dims.num_layers) for n in kv_names(i)[:2]})
+    out = sess.run(None, feeds)
+    feeds = {"inputs_embeds": embeds[:, 5:], "attention_mask": np.ones((1, 8), np.int64),
+             "position_ids": np.arange(5, 8)[None]}  # fmt: skip
+    feeds.update(
+        {n: out[2 + k] for k, n in enumerate(x for i in range(dims.num_layers) for x in kv_names(i)[:2])}
+    )
+    out = sess.run(None, feeds)
+    with torch.no_grad():
+        full = ref.model(inputs_embeds=torch.from_numpy(embeds)).logits[0].numpy()
+    assert np.abs(out[0][0] - full[-1]).max() <= TOL_LOGITS
+    assert out[2].shape == (1, dims.num_kv_heads, 8, dims.head_dim)
 
 
 def test_bundle_manifest(tiny_bundles, tiny_checkpoints, family):
@@ -110,10 +154,11 @@ def test_bundle_manifest(tiny_bundles, tiny_checkpoints, family):
     assert (m.token_ids["im_patch"], m.token_ids["seg"], m.token_ids["eos"]) == ids
     assert m.dims.family == family and m.schema_version == SCHEMA_VERSION
     assert m.prompt["num_image_tokens"] == 256 and m.prompt["splice_start"] == 1
+    specs = {**graph_specs(m.dims), "decoder_std": m.tensorrt_specs()["decoder"]}
     for name, entry in m.graphs.items():
         proto = onnx.load(str(bundle / entry.file), load_external_data=False)
         assert proto.ir_version <= MAX_IR_VERSION
-        assert [i.name for i in proto.graph.input] == graph_specs(m.dims)[name].input_names()
+        assert [i.name for i in proto.graph.input] == specs[name].input_names()
     assert np.load(bundle / "embed.npy").shape == (m.dims.vocab_size, m.dims.hidden_size)
 
 
@@ -177,7 +222,14 @@ def test_manifest_records_each_graph_declaration(tiny_bundles, tmp_path):
     m = read_manifest(tiny_bundles["llama"])
     dec = m.graphs["decoder"]
     assert dec.inputs[0] == {"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "sequence", 64]}
-    assert dec.outputs[2]["name"] == "present.0.key" and dec.outputs[2]["shape"] == ["batch", 4, "total", 16]
+    assert dec.outputs[2]["name"] == "present.0.key" and dec.outputs[2]["shape"] == [
+        "batch",
+        4,
+        "max_length",
+        16,
+    ]
+    std = m.graphs["decoder_std"]
+    assert std.outputs[2]["shape"] == ["batch", 4, "total", 16] and std.inputs[2]["name"] == "position_ids"
     b = _copy(tiny_bundles["llama"], tmp_path)
     raw = json.loads((b / MANIFEST).read_text())
     raw["graphs"]["vision"]["outputs"][0]["name"] = "features"

@@ -188,6 +188,14 @@ def calibrate_bundle(
         kw = {"method": method, "samples": samples, "held_out": held_out, "force": force, "gates": gates}
         kw.update(progress=progress, allow_augment=allow_augment, threads=threads, speed_runs=speed_runs)
         return calibrate_retrieval(bundle, data_dir, **kw)
+    if "decoder" in graphs and manifest.graphs["decoder"].precision != "fp32":
+        # quantized at export (m3d-edge export --precision int4|int8): there is no FP32 decoder to quantize
+        # or to measure against; the encoders are still calibrated
+        log.warning(
+            "decoder: exported at %s, not recalibrated (export with --precision fp32 to gate int8/int4 variants)",
+            manifest.graphs["decoder"].precision,
+        )
+        graphs = tuple(g for g in graphs if g != "decoder")
     unknown = [g for g in graphs if g not in manifest.graphs]
     if "seg_decoder" in graphs:
         raise CalibrationError(

@@ -94,6 +94,7 @@ class Preset(str, Enum):
     tiny = "tiny"
     bench = "bench"
     wide = "wide"
+    full = "full"
 
 
 class Method(str, Enum):
@@ -268,6 +269,7 @@ def demo(
         "m3d-edge tiny-checkpoint /tmp/ckpt",
         "m3d-edge tiny-checkpoint /tmp/bench --family phi3 --preset bench --seed 1",
         "m3d-edge tiny-checkpoint /tmp/taught --trained   # confident answers, for INT8 gates and demos",
+        "m3d-edge tiny-checkpoint /data/phi3-full --preset full   # released sizes, 16 GB (llama: 28 GB)",
     ),
 )
 @handle_errors
@@ -294,8 +296,17 @@ def tiny_checkpoint(
         def progress(step: int, loss: float) -> None:
             status.update(Text(f"teaching answers: step {step}, loss {loss:.4f}"))
 
+        def layers(done: int, total: int) -> None:
+            status.update(Text(f"writing decoder layers: {done}/{total}"))
+
         path = write_tiny_checkpoint(
-            out, family=family, preset=preset, seed=seed, trained=trained, progress=progress
+            out,
+            family=family,
+            preset=preset,
+            seed=seed,
+            trained=trained,
+            progress=progress,
+            layer_progress=layers,
         )
     size = sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
     console.print(
@@ -324,6 +335,7 @@ def _export_with_progress(export_bundle, ckpt: Path, out: Path, **kwargs):
     epilog=_epilog(
         "m3d-edge export ./M3D-LaMed-Phi-3-4B -o ./bundle",
         "m3d-edge export ./ckpt -o ./bundle --overwrite --no-validate",
+        "m3d-edge export ./M3D-LaMed-Phi-3-4B -o ./bundle-int4 --precision int4   # 2.3 GB, under 12 GB RAM",
     )
 )
 @handle_errors
@@ -335,13 +347,27 @@ def export(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read .bin (pickle) weights."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Compare every graph with torch."),
+    precision: Precision = typer.Option(
+        Precision.fp32, "--precision", help="Decoder precision (int8/int4: MatMulNBits, quantized per layer)."
+    ),
+    tensorrt_graph: bool = typer.Option(
+        None,
+        "--tensorrt-graph/--no-tensorrt-graph",
+        help="Also write the standard-op decoder (fp32 default).",
+    ),
+    validate_layers: int = typer.Option(
+        None,
+        "--validate-layers",
+        help="Decoder layers checked against torch (default: all, or 2 when large).",
+    ),
 ) -> None:
     """Export a checkpoint to a verified bundle: ONNX graphs, embedding table, tokenizer, manifest."""
     from m3d_edge.export.exporter import TOLERANCE, export_bundle
 
     report = _export_with_progress(
-        export_bundle, ckpt, out, allow_pickle=allow_pickle, overwrite=overwrite, validate=validate
-    )
+        export_bundle, ckpt, out, allow_pickle=allow_pickle, overwrite=overwrite, validate=validate,
+        precision=_v(precision), tensorrt_graph=tensorrt_graph, validate_layers=validate_layers,
+    )  # fmt: skip
     table = Table(title=f"bundle {report.bundle}")
     for col in ("graph", "size", "seconds", "max |diff|", "tolerance"):
         table.add_column(col, justify="left" if col == "graph" else "right")

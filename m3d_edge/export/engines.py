@@ -313,7 +313,7 @@ def build_engines(
     gpu, cc = cuda.device_info()
     version = trt.__version__
     manifest = read_manifest(bundle, verify=True)
-    dims, specs = manifest.dims, manifest.specs()
+    dims, specs = manifest.dims, manifest.tensorrt_specs()  # the decoder: the standard-op graph
     context = dims.context_length
     max_seq = int(max_seq or context)
     unknown = [g for g in graphs if g not in specs]
@@ -335,7 +335,7 @@ def build_engines(
         entries: dict[str, dict[str, Any]] = {}
         for name in graphs:
             spec = specs[name]
-            file, src_prec, src_sha, note = select_source(bundle, manifest.graphs[name], precision)
+            file, src_prec, src_sha, note = select_source(bundle, manifest.tensorrt_entry(name), precision)
             typing = network_typing(precision, version)
             shapes = profile_shapes(spec, dims, max_batch, max_seq, context)
             profiles = profiles_json(spec, dims, max_batch, max_seq, context)

@@ -3,7 +3,8 @@
 The demo, the tests and the benchmarks use them: ``config.json`` with the released fields, sharded
 safetensors with ``model.safetensors.index.json``, a SentencePiece tokenizer with the M3D added tokens at
 the released ids and ``generation_config.json``. Presets (DESIGN §9): ``tiny`` (seconds on a laptop),
-``bench`` (real ViT-B encoders, a 1024x8 Phi-3-shaped decoder) and ``wide`` (Phi-3-mini width, 2 layers).
+``bench`` (real ViT-B encoders, a 1024x8 Phi-3-shaped decoder), ``wide`` (Phi-3-mini width, 2 layers) and
+``full`` (the released sizes: 16 GB Phi-3-4B, 28 GB Llama-2-7B, streamed to disk shard by shard).
 The released configs carry no ViT sizes; ours add ``vit_*`` fields only when they differ from ViT-B.
 """
 
@@ -121,6 +122,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vit": {},
         "decoder_std": 0.2,
     },
+    # the released sizes (DESIGN §1), written shard by shard (:mod:`m3d_edge.export.full_checkpoint`)
+    "full": {
+        "decoder": {
+            "phi3": {
+                "hidden_size": 3072,
+                "intermediate_size": 8192,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+            },
+            "llama": {
+                "hidden_size": 4096,
+                "intermediate_size": 11008,
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+            },
+        },
+        "vit": {},
+        "decoder_std": 0.02,
+        "streamed": True,
+    },
 }
 
 
@@ -133,7 +154,8 @@ def tiny_config(family: str, preset: str = "tiny") -> dict[str, Any]:
     p = PRESETS[preset]
     cfg = dict(PHI3_BASE if family == "phi3" else LLAMA_BASE)
     cfg.update(LAMED_FIELDS)
-    cfg.update(p["decoder"])
+    decoder = p["decoder"].get(family, p["decoder"])  # "full" has per-family sizes
+    cfg.update(decoder)
     cfg["num_key_value_heads"] = cfg["num_attention_heads"]
     cfg.update(p["vit"])
     cfg["mm_hidden_size"] = cfg.get("vit_hidden_size", 768)
@@ -170,12 +192,14 @@ def write_tiny_checkpoint(
     trained: bool = False,
     teach_steps: int = 150,
     progress: Callable[[int, float], None] | None = None,
+    layer_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write a random-weight M3D-LaMed checkpoint folder; the same seed gives the same files.
 
     ``trained``: start the decoder from a small initialisation (std 0.02) and teach it fixed answers to the
     task prompts (:mod:`m3d_edge.export.teach`), so its greedy output is confident like a real model's;
     about a minute for the tiny preset. ``progress(step, loss)`` reports that training.
+    The ``full`` preset streams its weights shard by shard; ``layer_progress(done, total)`` counts layers.
     """
     from m3d_edge.export.tokenizer import write_tokenizer_files
 
@@ -187,6 +211,15 @@ def write_tiny_checkpoint(
     atomic_write_text(out / "generation_config.json", json.dumps(gen_cfg, indent=2) + "\n")
     write_tokenizer_files(out, family, seed=seed)
 
+    if PRESETS[preset].get("streamed"):
+        if trained:
+            raise ValueError(f"preset {preset!r}: --trained is for the small presets (it trains in memory)")
+        from m3d_edge.export.full_checkpoint import write_streamed_weights
+
+        std = PRESETS[preset]["decoder_std"] if decoder_std is None else decoder_std
+        gen = torch.Generator().manual_seed(seed)
+        write_streamed_weights(out, lambda m: _randomize(m, std, gen), std, seed, progress=layer_progress)
+        return out
     torch.manual_seed(seed)
     cfg = read_config(out)
     model = build_model(cfg)

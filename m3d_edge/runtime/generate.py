@@ -1,9 +1,10 @@
 """The generation loop: prefill, then one token at a time over a preallocated KV cache.
 
-Read it top to bottom: :class:`KVCache` holds two flat buffers per layer tensor; :class:`Decoder` binds the
-past to the head of one and the present to the head of the other, so the graph writes the new cache in
-place and the two swap roles after each step; :func:`sample` turns logits into a token; :func:`generate`
-is the loop with its stop rules and streaming.
+Read it top to bottom (gpt-fast's order): :class:`KVCache` holds one fixed-length buffer per layer
+tensor; :class:`Decoder` binds it as both past and present of the fused graph, which writes the new
+positions in place; :func:`sample` turns logits into a token; :func:`generate` is the loop with its stop
+rules and streaming. The loop sees only the protocols of :mod:`m3d_edge.runtime.protocols`, which the
+TensorRT backend implements too.
 """
 
 from __future__ import annotations
@@ -16,55 +17,43 @@ import numpy as np
 
 from m3d_edge.bundle import ModelDims, kv_names
 from m3d_edge.errors import GenerationError
-from m3d_edge.runtime.backend import GraphSession
+from m3d_edge.runtime.protocols import BoundSession, Cache, DecoderBackend
 
 
 class KVCache:
-    """Ping-pong key/value buffers for ``max_len`` positions; positions ``[0, length)`` are valid.
+    """One preallocated ``[1, kv_heads, max_len, head_dim]`` buffer per layer key/value; ``[0, length)`` valid.
 
-    Each of the ``2 * layers`` tensors has two flat buffers; the valid cache ``[1, kv_heads, length,
-    head_dim]`` is the head of the *front* one (contiguous for batch 1).
+    The fused decoder (schema 3) reads the past from and writes the new positions into the same buffer
+    (bound as both past and present), so a step neither copies nor allocates the cache, and
+    :meth:`truncate` (prefix reuse) only moves the length: later positions are overwritten by the next step.
     """
 
     def __init__(self, dims: ModelDims, max_len: int) -> None:
-        self.shape = (dims.num_kv_heads, dims.head_dim)
-        size = dims.num_kv_heads * max_len * dims.head_dim
-        self.buffers = [[np.zeros(size, np.float32) for _ in range(2 * dims.num_layers)] for _ in range(2)]
-        self.front = 0
+        shape = (1, dims.num_kv_heads, max_len, dims.head_dim)
+        self.buffers = [np.zeros(shape, np.float32) for _ in range(2 * dims.num_layers)]
         self.max_len = max_len
         self.length = 0
         self.ids: list[int] = []  # the token ids whose keys/values are cached (prefix reuse)
 
-    def view(self, side: int, tensor: int, length: int) -> np.ndarray:
-        heads, dim = self.shape
-        return self.buffers[side][tensor][: heads * length * dim].reshape(1, heads, length, dim)
-
     def truncate(self, length: int) -> None:
-        """Keep the first ``length`` positions (one compaction copy per question, never per token)."""
-        if length < self.length:
-            back = 1 - self.front
-            for t in range(len(self.buffers[0])):
-                np.copyto(self.view(back, t, length), self.view(self.front, t, self.length)[:, :, :length])
-            self.front = back
+        """Keep the first ``length`` positions (no copy: the graph attends to ``[0, length)`` only)."""
         self.length = min(length, self.length)
         self.ids = self.ids[: self.length]
 
 
 class Decoder:
-    """Runs the decoder graph over a :class:`KVCache` with IO binding; no per-step buffer allocation."""
+    """Runs the fused decoder graph over a :class:`KVCache` with IO binding; no per-step allocation."""
 
-    def __init__(self, session: GraphSession, dims: ModelDims, embed_table: np.ndarray) -> None:
+    def __init__(self, session: BoundSession, dims: ModelDims, embed_table: np.ndarray) -> None:
         self.session, self.dims, self.embed_table = session, dims, embed_table
         self.logits = np.zeros((1, dims.vocab_size), np.float32)
         self.hidden = np.zeros((1, dims.hidden_size), np.float32)
         self.token_embeds = np.zeros((1, 1, dims.hidden_size), np.float32)
         self._mask = np.ones((1, 0), np.int64)
-        self._positions = np.zeros((1, 0), np.int64)
 
     def new_cache(self, max_len: int) -> KVCache:
         if self._mask.shape[1] < max_len:
             self._mask = np.ones((1, max_len), np.int64)
-            self._positions = np.arange(max_len, dtype=np.int64)[None]
         return KVCache(self.dims, max_len)
 
     def step(self, cache: KVCache, embeds: np.ndarray, ids: list[int]) -> None:
@@ -74,20 +63,14 @@ class Decoder:
             raise GenerationError(f"KV cache full: {past} + {n} tokens exceed its {cache.max_len} positions")
         inputs = {
             "inputs_embeds": np.ascontiguousarray(embeds, np.float32),
-            "attention_mask": self._mask[:, : past + n],
-            "position_ids": self._positions[:, past : past + n],
+            "attention_mask": self._mask[:, : past + n],  # its width tells the graph the total length
         }
         outputs = {"logits": self.logits, "last_hidden_state": self.hidden}
-        front, back = cache.front, 1 - cache.front
         for i in range(self.dims.num_layers):
             pk, pv, nk, nv = kv_names(i)
-            inputs[pk], inputs[pv] = cache.view(front, 2 * i, past), cache.view(front, 2 * i + 1, past)
-            outputs[nk], outputs[nv] = (
-                cache.view(back, 2 * i, past + n),
-                cache.view(back, 2 * i + 1, past + n),
-            )
+            inputs[pk] = outputs[nk] = cache.buffers[2 * i]  # the same memory: written in place
+            inputs[pv] = outputs[nv] = cache.buffers[2 * i + 1]
         self.session.run_bound(inputs, outputs)
-        cache.front = back
         cache.length += n
         cache.ids.extend(ids)
 
@@ -171,8 +154,8 @@ class Generation:
 
 
 def generate(
-    decoder: Decoder,
-    cache: KVCache,
+    decoder: DecoderBackend,
+    cache: Cache,
     embeds: np.ndarray,
     ids: list[int],
     *,

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from m3d_edge.bundle import Manifest, read_manifest
 from m3d_edge.errors import BundleError, GenerationError, PromptError, StudyError
 from m3d_edge.runtime.backend import BackendOptions, GraphSession
-from m3d_edge.runtime.generate import Decoder, KVCache, SamplingParams, generate
+from m3d_edge.runtime.generate import Decoder, SamplingParams, generate
 from m3d_edge.runtime.prompts import (
     SEG_TOKEN,
     build_prompt,
@@ -33,6 +33,7 @@ from m3d_edge.runtime.prompts import (
     question_for,
     resolve_prompt_format,
 )
+from m3d_edge.runtime.protocols import Cache, DecoderBackend
 from m3d_edge.runtime.result import Result
 from m3d_edge.runtime.study_cache import StudyCache
 
@@ -49,7 +50,7 @@ class StudyState:
     record: Any = None  # the imaging geometry record, when the study came from a file
     study: Any = None  # the loaded study (for writing outputs on its grid)
     seg_embedding: np.ndarray | None = None
-    cache: KVCache | None = None
+    cache: Cache | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -129,7 +130,7 @@ class Pipeline:
                 want = precision if precision in (entry.precision, *entry.variants) else None
             file, self.precisions[name] = entry.resolve(want)
             self.sessions[name] = GraphSession(self.bundle / file, spec, self.options)
-        self.decoder = Decoder(self.sessions["decoder"], self.dims, self.embed_table)
+        self.decoder: DecoderBackend = Decoder(self.sessions["decoder"], self.dims, self.embed_table)
 
     def _open_engines(self, precision: str | dict[str, str] | None) -> None:
         """Native TensorRT plans built by ``m3d-edge build-engines`` for this GPU (KV cache on the device)."""
@@ -137,7 +138,12 @@ class Pipeline:
 
         want = precision if isinstance(precision, str) else "fp16"
         sessions, self.decoder, _ = open_engines(
-            self.bundle, want, self.dims, self.manifest.specs(), self.embed_table, self.options.device_id
+            self.bundle,
+            want,
+            self.dims,
+            self.manifest.tensorrt_specs(),
+            self.embed_table,
+            self.options.device_id,
         )
         self.sessions = {**sessions, "decoder": self.decoder}
         self.precisions = dict.fromkeys(self.manifest.specs(), want)

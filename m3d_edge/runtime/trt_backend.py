@@ -16,8 +16,9 @@ The pure helpers at the top (profile shapes, names, cache keys, buffer sizes, ``
 TensorRT nor CUDA and are unit-tested on CPU; ``tensorrt`` and ``cuda`` are imported lazily inside the
 classes so this module imports everywhere.
 
-Decoder on the device: :class:`TrtKVCache` is the host :class:`m3d_edge.runtime.generate.KVCache`'s
-ping-pong layout in device memory: per layer and per K/V two flat buffers (front, back) of
+Decoder on the device: TensorRT builds from the bundle's standard-op decoder (``decoder_std``, schema-2
+contract); :class:`TrtKVCache` implements :class:`m3d_edge.runtime.protocols.Cache` with a ping-pong
+layout in device memory: per layer and per K/V two flat buffers (front, back) of
 ``kv_heads * max_len * head_dim`` elements. A step binds the past as the head of the front buffer viewed as
 ``[1, kv_heads, past, head_dim]`` (the bundle's head-major layout, contiguous for batch 1) and the present,
 the whole cache after the step, to the head of the back buffer viewed as ``[1, kv_heads, past + n,
@@ -179,9 +180,9 @@ def engine_cache_key(
 
 
 def kv_cache_bytes(dims: ModelDims, max_len: int, dtype: Any = "float32", batch: int = 1) -> int:
-    """Bytes of a full ping-pong KV cache: two buffers (front, back) of keys + values of every layer, each
-    ``[batch, kv_heads, max_len, head_dim]``; the host :class:`~m3d_edge.runtime.generate.KVCache` and
-    :class:`TrtKVCache` alike."""
+    """Bytes of :class:`TrtKVCache`: two ping-pong buffers (front, back) of keys + values of every layer,
+    each ``[batch, kv_heads, max_len, head_dim]`` (the standard-op decoder returns the whole cache; the
+    host :class:`~m3d_edge.runtime.generate.KVCache` of the fused graph needs half: one shared buffer)."""
     item = np.dtype(dtype).itemsize
     return 2 * 2 * dims.num_layers * max_len * batch * dims.num_kv_heads * dims.head_dim * item
 
@@ -485,7 +486,7 @@ class TrtGraphSession:
 
 
 class TrtKVCache:
-    """Device-resident ping-pong KV cache with the protocol of :class:`m3d_edge.runtime.generate.KVCache`:
+    """Device-resident ping-pong KV cache implementing :class:`m3d_edge.runtime.protocols.Cache`:
     ``length``, ``ids``, ``max_len`` and :meth:`truncate`.
 
     One allocation holds two slots (front and back); each slot holds, per layer, a keys buffer then a values
