@@ -179,3 +179,21 @@ def test_batch_format_sr(tiny_bundles, tmp_path):
     c = read_dicom_sr(out / "case1" / "result_sr.dcm")
     assert d["outputs"]["sr"] == "result_sr.dcm" and c.text == d["text"]
     assert dciodvfy_errors(out / "case1" / "result_sr.dcm") == []
+
+
+def test_sr_from_a_latin1_source_is_utf8(tmp_path):
+    folder = write_phantom_series(tmp_path / "ph", slices=4, rows=16, cols=16)
+    for f in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 100", "Müller^Jörg"
+        ds.save_as(f, enforce_file_format=True)
+    study, volume, record = _study(folder)
+    r = make_result(study, record, volume, mask=False, box=None)
+    r.text = "Läsion ✓"
+    path = write_dicom_sr(r, study, tmp_path / "sr.dcm", bundle_id="b")
+    raw = path.read_bytes()
+    assert "Müller".encode() in raw and "Müller".encode("latin-1") not in raw
+    ds = pydicom.dcmread(path)
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == "Müller^Jörg"
+    assert read_dicom_sr(path).text == "Läsion ✓"
+    assert dciodvfy_errors(path) == []
