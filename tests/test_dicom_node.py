@@ -427,3 +427,23 @@ def test_limits_refuse_without_crashing(bundle, tmp_path):
         assert "over 3 instances in one association" in text and "spool limit" in text
     finally:
         listener.stop()
+
+
+def test_busy_port_and_bad_config_are_one_line_errors(tmp_path):
+    from m3d_edge.errors import PromptError
+    from m3d_edge.serve.dicom_config import load_config
+    from m3d_edge.serve.dicom_node import DicomNode
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cfg = load_config(write_config(tmp_path, busy.getsockname()[1], free_port()))
+        with pytest.raises(PromptError, match="cannot listen on 127.0.0.1:"):
+            DicomNode(cfg, pipe=None).start_server()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\nstate_dir = "s"\n[[rules]]\ntasks = ["segment"]\n')
+    with pytest.raises(PromptError, match=r"bad\.toml \[\[rules\]\] #1: task 'segment' needs an argument"):
+        load_config(bad)
+    bad.write_text('[node]\nstate_dir = "s"\nqiuet_seconds = 3\n')
+    with pytest.raises(PromptError, match=r"unknown key\(s\) qiuet_seconds"):
+        load_config(bad)

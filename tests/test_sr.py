@@ -163,3 +163,37 @@ def test_run_format_sr(tiny_bundles, tmp_path):
     assert c.source_series_instance_uid == d["study"]["series_instance_uid"]
     bad = CliRunner().invoke(app, args + ["--out", str(out), "--format", "json,pdf"])
     assert bad.exit_code == 2 and "choose from json, nifti, seg, sr" in bad.output
+
+
+def test_batch_format_sr(tiny_bundles, tmp_path):
+    from typer.testing import CliRunner
+
+    from m3d_edge.cli.app import app
+
+    write_phantom_series(tmp_path / "root" / "case1", slices=8, rows=32, cols=32)
+    out = tmp_path / "out"
+    args = ["batch", str(tiny_bundles["phi3"]), str(tmp_path / "root"), "--task", "report", "-n", "4"]
+    r = CliRunner().invoke(app, args + ["--out", str(out), "--format", "json,sr"])
+    assert r.exit_code == 0, r.output
+    d = json.loads((out / "case1" / "result.json").read_text())
+    c = read_dicom_sr(out / "case1" / "result_sr.dcm")
+    assert d["outputs"]["sr"] == "result_sr.dcm" and c.text == d["text"]
+    assert dciodvfy_errors(out / "case1" / "result_sr.dcm") == []
+
+
+def test_sr_from_a_latin1_source_is_utf8(tmp_path):
+    folder = write_phantom_series(tmp_path / "ph", slices=4, rows=16, cols=16)
+    for f in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 100", "Müller^Jörg"
+        ds.save_as(f, enforce_file_format=True)
+    study, volume, record = _study(folder)
+    r = make_result(study, record, volume, mask=False, box=None)
+    r.text = "Läsion ✓"
+    path = write_dicom_sr(r, study, tmp_path / "sr.dcm", bundle_id="b")
+    raw = path.read_bytes()
+    assert "Müller".encode() in raw and "Müller".encode("latin-1") not in raw
+    ds = pydicom.dcmread(path)
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == "Müller^Jörg"
+    assert read_dicom_sr(path).text == "Läsion ✓"
+    assert dciodvfy_errors(path) == []

@@ -83,7 +83,7 @@ def listen_status(
         return
     table = Table(title="series")
     for col in ("state", "run (SeriesInstanceUID)", "modality", "instances", "detail"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for state in ("incoming", "processing", "failed", "done", "ignored"):
         for row in status[state]:
             detail = row.get("error") or (f"quiet {row['quiet_seconds']} s" if "quiet_seconds" in row else "")
@@ -94,7 +94,7 @@ def listen_status(
     console.print(table)
     box = Table(title=f"outbox ({status['sent']} sent, {status['corrupt']} corrupt instance(s) kept)")
     for col in ("id", "kind", "attempts", "next try", "last error"):
-        box.add_column(col)
+        box.add_column(col, overflow="fold")
     for e in status["outbox"]:
         wait = max(0.0, float(e["next_try"] or 0) - time.time())
         box.add_row(e["id"], e["kind"] or "", str(e["attempts"]), f"in {wait:.0f} s", e["last_error"] or "")

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from m3d_edge.errors import PromptError
 from m3d_edge.serve.dicom_config import NodeConfig, TaskSpec
 from m3d_edge.serve.dicom_outbox import Outbox
 from m3d_edge.serve.dicom_spool import Spool, now_iso, read_json, valid_uid, write_json
@@ -166,7 +167,12 @@ class DicomNode:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers)
+        try:
+            self._server = ae.start_server((self.cfg.host, self.cfg.port), block=False, evt_handlers=handlers)
+        except OSError as exc:
+            raise PromptError(
+                f"cannot listen on {self.cfg.host}:{self.cfg.port}: {exc.strerror or exc}"
+            ) from None
         self.port = int(self._server.server_address[1])
         LOG.info("listening as %s on %s:%d", self.cfg.ae_title, self.cfg.host, self.port)
 

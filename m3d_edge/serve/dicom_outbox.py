@@ -100,6 +100,7 @@ class Outbox:
     def flush(self, destination, calling_ae: str) -> tuple[int, int]:
         """Send every due entry over one association; returns (sent, failed)."""
         import pydicom
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
         from pynetdicom import AE
 
         due = self.due()
@@ -117,9 +118,11 @@ class Outbox:
                 self._failed(e, f"cannot read queued object: {type(exc).__name__}")
         ae = AE(ae_title=calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        # the objects' own transfer syntax, plus both uncompressed ones pynetdicom converts to if needed
+        syntaxes = sorted({str(ds.file_meta.TransferSyntaxUID) for _, ds in datasets})
+        syntaxes += [ts for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if ts not in syntaxes]
         for sop_class in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
-            for ts in sorted({str(ds.file_meta.TransferSyntaxUID) for _, ds in datasets}):
-                ae.add_requested_context(sop_class, ts)
+            ae.add_requested_context(sop_class, syntaxes)
         sent = failed = 0
         where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
