@@ -130,11 +130,9 @@ def test_sr_from_a_source_without_type2_attributes(tmp_path):
 def test_sr_refusals(dicom_study, tmp_path):
     study, volume, record = dicom_study
     arr = make_result(volume=np.zeros((32, 256, 256), np.float32), mask=False)
-    paths = write_outputs(arr, tmp_path, formats=("json", "sr"), bundle_id="b")
-    assert set(paths) == {"json"}  # no DICOM source: nothing to reference
-    assert json.loads((tmp_path / "result.json").read_text())["notes"] == [
-        "DICOM SR not written: the study is not a DICOM series"
-    ]
+    with pytest.raises(StudyError, match=r"DICOM SR not written: the study is not DICOM \(array\)"):
+        write_outputs(arr, tmp_path, formats=("json", "sr"), bundle_id="b")  # asked for, cannot be written
+    assert not (tmp_path / "result.json").exists()  # no DICOM source: nothing to reference, no JSON
     (tmp_path / "junk.dcm").write_bytes(b"not dicom")
     with pytest.raises(StudyError, match=r"junk\.dcm: cannot read a DICOM SR"):
         read_dicom_sr(tmp_path / "junk.dcm")

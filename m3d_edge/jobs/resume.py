@@ -96,5 +96,5 @@ def check_done(folder: Path, key: dict[str, Any]) -> tuple[bool, str | None]:
 def clear_outputs(folder: Path, stem: str = "result") -> None:
     """Remove the files a new result of ``stem`` will own (JSON first, so a crash leaves it "not done")."""
     names = output_names(stem)
-    for name in (names["json"], names["nifti"], names["seg"], *REPORT_FILES):
+    for name in (names["json"], names["nifti"], names["seg"], names["sr"], *REPORT_FILES):
         (folder / name).unlink(missing_ok=True)
