@@ -119,3 +119,48 @@ def run_ray_batch_cli(
             previewer=preview if want_preview else None,
             run_key=request_key(pipe, ask_kwargs, formats),
         )
+
+
+# ------------------------------------------------------------------------------------------ serve --ray
+
+ReplicasOpt = typer.Option(1, "--replicas", min=1, help="With --ray: replicas, each with its own model.")
+MinReplicasOpt = typer.Option(None, "--min-replicas", min=0, help="With --ray: autoscale from this many.")
+MaxReplicasOpt = typer.Option(None, "--max-replicas", min=1, help="With --ray: autoscale up to this many.")
+
+
+def serve_on_ray(
+    config,
+    address: str,
+    replicas: int,
+    min_replicas: int | None,
+    max_replicas: int | None,
+    worker_cpus: float = 1.0,
+    worker_gpus: float = 0.0,
+) -> None:
+    """``m3d-edge serve --ray``: the same app on Ray Serve replicas, until Ctrl-C."""
+    import shutil
+
+    try:
+        from m3d_edge.serve.ray_serve import AFFINITY_HEADER, serve_app, shared_config, start
+    except ImportError as e:
+        raise PromptError(
+            f"--ray needs the [ray] extra: pip install 'm3d-edge[ray]' ({e.name} missing)"
+        ) from None
+    if config.tls_cert is not None:
+        raise PromptError(
+            "--tls-cert with --ray: Ray Serve's proxy speaks plain HTTP; terminate TLS in front of it"
+        )
+    from m3d_edge.bundle import read_manifest
+
+    read_manifest(config.bundle, verify=False)  # not a bundle: exit 4 here, not in every replica
+    config, tmp = shared_config(config)
+    app = serve_app(config, replicas, min_replicas, max_replicas, worker_cpus, worker_gpus)
+    note(
+        f"Ray Serve on http://{config.host}:{config.port} ({replicas} replica(s)); send the study id in "
+        f"the {AFFINITY_HEADER} header to reach the replica that has it cached"
+    )
+    try:
+        start(app, config, address, blocking=True)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
