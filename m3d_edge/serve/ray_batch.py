@@ -162,11 +162,13 @@ class StudyWorker:
         path, study_out = Path(row["path"]), self.out / row["folder"]
         label = row["folder"] if self.privacy else row["name"]
         try:
-            self.pipe.adopt(
+            state = self.pipe.adopt(
                 files_key(payload["content"]), payload["volume"], payload["record"], payload["study"]
             )
             try:
                 result = self.pipe.ask(path, **self.ask_kwargs)
+                # the vision graph ran for this request (in adopt), as in local batch
+                result.timings.update(vision=state.timings["vision"], cached_study=False)
             except MemoryError:
                 raise StudyError(f"{path}: out of memory reading or running this study") from None
             finally:
