@@ -98,7 +98,9 @@ def errors(out: Path) -> list[dict]:
     return sorted(({k: e[k] for k in ("study", "error", "type", "exit_code")} for e in lines), key=str)
 
 
-def test_ray_batch_matches_local_batch_and_survives_a_killed_actor(cluster, tiny_bundles, archive, pipe, tmp_path):
+def test_ray_batch_matches_local_batch_and_survives_a_killed_actor(
+    cluster, tiny_bundles, archive, pipe, tmp_path
+):
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     s_local = run_batch(pipe, archive, local, dict(ASK), ("json",))
     (cluster["crash"] / "arm-once").touch()
@@ -110,12 +112,20 @@ def test_ray_batch_matches_local_batch_and_survives_a_killed_actor(cluster, tiny
         (cluster["crash"] / "arm-once").unlink()
     killed = (cluster["crash"] / "killed-once").read_text()
     assert killed in GOOD  # one actor really died on a study mid-run ...
-    assert (s_ray["ok"], s_ray["failed"], s_ray["skipped"]) == (4, 2, 0) == (
-        s_local["ok"], s_local["failed"], s_local["skipped"],
+    assert (
+        (s_ray["ok"], s_ray["failed"], s_ray["skipped"])
+        == (4, 2, 0)
+        == (
+            s_local["ok"],
+            s_local["failed"],
+            s_local["skipped"],
+        )
     )  # fmt: skip  ... and the run completed, that study included
     assert s_ray["entries"] == s_local["entries"] and s_ray["key"] == s_local["key"]
     for name in GOOD:  # the same files, token for token
-        assert sorted(p.name for p in (on_ray / name).iterdir()) == sorted(p.name for p in (local / name).iterdir())
+        assert sorted(p.name for p in (on_ray / name).iterdir()) == sorted(
+            p.name for p in (local / name).iterdir()
+        )
         assert comparable(on_ray / name / "result.json") == comparable(local / name / "result.json")
     assert errors(on_ray) == errors(local) and [e["study"] for e in errors(local)] == BAD
     assert not [p for p in on_ray.rglob("*") if ".partial-" in p.name]
@@ -167,16 +177,22 @@ def test_killed_driver_rerun_redoes_only_what_is_missing(cluster, tiny_bundles, 
         before = now
         time.sleep(0.5)
     assert 0 < len(before) < len(GOOD), before
-    s = run_ray_batch(tiny_bundles["phi3"], archive, out, dict(ASK), ("json",), options())
+    rerun = subprocess.run(
+        cmd, capture_output=True, text=True, env=dict(os.environ, COLUMNS="120"), timeout=300
+    )
+    assert rerun.returncode == 10, rerun.stdout[-2000:] + rerun.stderr[-2000:]  # 10: the two bad studies
+    assert "4 done, 2 failed, 0 remaining" in rerun.stdout and "studies/s" in rerun.stdout
+    s = json.loads((out / "batch.json").read_text())
     assert (s["skipped"], s["ok"], s["failed"]) == (len(before), len(GOOD) - len(before), 2)
     for name, stamp in before.items():  # written once: the rerun left them alone
         p = out / name / "result.json"
         assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp
     for name in GOOD:
         assert [p.name for p in (out / name).glob("*.json")] == ["result.json"]
-        assert json.loads((out / name / "result.json").read_text())["tokens"] == pipe.ask(
-            archive / f"{name}.npy", **ASK
-        ).tokens
+        assert (
+            json.loads((out / name / "result.json").read_text())["tokens"]
+            == pipe.ask(archive / f"{name}.npy", **ASK).tokens
+        )
     assert not [p for p in out.rglob("*") if ".partial-" in p.name]
 
 
