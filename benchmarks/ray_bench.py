@@ -1,10 +1,10 @@
 """Local batch against Ray Data batch (1 and 2 actors) on this machine, and what a study costs to read.
 
-    PYTHONPATH=. python benchmarks/ray_bench.py [--studies 12]   -> benchmarks/results/ray_bench.json
+    PYTHONPATH=. python benchmarks/ray_bench.py [--studies 16]   -> benchmarks/results/ray_bench.json
 
 The model is the tiny random checkpoint (inference is milliseconds), so the Ray numbers measure the
-machinery: per-study overhead = (Ray seconds per study) - (local seconds per study), from the slope
-between a run over N and one over 2N studies (actor start-up cancels out). The read/decode side is
+machinery: per-study overhead = (Ray seconds per study) - (local seconds per study), both in steady state
+(first result to last, so actor start-up and the cluster start are reported apart). The read/decode side is
 measured on a phantom DICOM series and on the real CT NRRD when present; the inference side of a real
 model comes from the measured anchors in the result (ViT-B ~5 s per pass on 2 cores), not from this run.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -24,7 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Noise, machine, save, summary  # noqa: E402
 
 ASK = {"task": "report", "max_new_tokens": 8}
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = next(
+    (p / "shared" / "data" for p in Path(__file__).resolve().parents if (p / "shared" / "data").is_dir()),
+    Path("/nonexistent"),
+)
 
 
 def make_root(root: Path, n: int) -> Path:
@@ -60,17 +64,49 @@ def read_cost(tmp: Path) -> dict:
     return out
 
 
-def timed(fn) -> tuple[float, dict, float]:
+CLOCK: list[float] = []
+
+
+def _clock():
+    """An on_event callback that stamps every finished study."""
+    CLOCK.clear()
+    begin = time.perf_counter()
+    CLOCK.append(begin)
+
+    def on_event(e) -> None:
+        if e.kind in ("ok", "failed", "skipped"):
+            CLOCK.append(time.perf_counter())
+
+    return on_event
+
+
+def timed(fn) -> dict:
+    """Wall time, time to the first result (start-up), and the median gap between later results."""
     with Noise() as n:
         t0 = time.perf_counter()
         s = fn()
         dt = time.perf_counter() - t0
-    return dt, s, n.load
+    assert s["ok"] == s["studies"], s
+    gaps = [b - a for a, b in zip(CLOCK[1:], CLOCK[2:], strict=False)]
+    return {
+        "seconds": dt,
+        "studies_per_s": s["studies"] / dt,
+        "first_result_seconds": CLOCK[1] - CLOCK[0],
+        # first to last result: start-up (actors opening their model) excluded, bursts averaged out
+        "steady_seconds_per_study": (CLOCK[-1] - CLOCK[1]) / max(1, len(CLOCK) - 2),
+        "gap_median_min_max": [statistics.median(gaps), min(gaps), max(gaps)],
+        "machine_load": n.load,
+    }
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--studies", type=int, default=12)
+    ap.add_argument("--studies", type=int, default=16)
     args = ap.parse_args()
     n = args.studies
     tmp = Path(tempfile.mkdtemp(prefix="ray-bench-"))
@@ -85,28 +121,18 @@ def main() -> None:
         bundle = export_bundle(
             write_tiny_checkpoint(tmp / "ckpt", family="phi3", seed=0), tmp / "bundle"
         ).bundle
-        roots = {k: make_root(tmp / f"root{k}", k) for k in (n, 2 * n)}
-        cpu = next(
-            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
+        root = make_root(tmp / "root", n)
+        res: dict = {"machine": {**machine(), "cpu_model": cpu_model()}, "studies": n, "ask": ASK}
+        res["bundle"] = (
+            "tiny phi3 (random weights): inference is milliseconds, so this measures the machinery"
         )
-        res: dict = {
-            "machine": {**machine(), "cpu_model": cpu},
-            "studies": [n, 2 * n],
-            "ask": ASK,
-            "bundle": "tiny phi3 (random)",
-        }
         res["read_preprocess"] = read_cost(tmp)
 
         pipe = Pipeline.open(bundle, BackendOptions(threads=1))
         key = request_key(pipe, ASK, ("json",))
-        local = {}
-        for k, root in roots.items():
-            dt, s, load = timed(
-                lambda root=root, k=k: run_batch(pipe, root, tmp / f"local{k}", dict(ASK), ("json",))
-            )
-            assert s["ok"] == k
-            local[k] = {"seconds": dt, "studies_per_s": k / dt, "machine_load": load}
-        res["local"] = local
+        res["local"] = timed(
+            lambda: run_batch(pipe, root, tmp / "local", dict(ASK), ("json",), on_event=_clock())
+        )
 
         import ray
 
@@ -115,36 +141,21 @@ def main() -> None:
         t0 = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         res["ray_init_seconds"] = time.perf_counter() - t0
-        ray_runs = {}
         for workers in (1, 2):
             opts = RayBatchOptions(workers=workers, num_cpus=1 / workers, load_cpus=0.5, threads=1)
-            runs = {}
-            for k, root in roots.items():
-                out = tmp / f"ray{workers}-{k}"
-                dt, s, load = timed(
-                    lambda root=root, out=out, opts=opts: run_ray_batch(
-                        bundle, root, out, dict(ASK), ("json",), opts, run_key=key
-                    )
+            out = tmp / f"ray{workers}"
+            res[f"ray_{workers}_actor"] = timed(
+                lambda out=out, opts=opts: run_ray_batch(
+                    bundle, root, out, dict(ASK), ("json",), opts, run_key=key, on_event=_clock()
                 )
-                assert s["ok"] == k, s
-                runs[k] = {"seconds": dt, "studies_per_s": k / dt, "machine_load": load}
-            slope = (runs[2 * n]["seconds"] - runs[n]["seconds"]) / n
-            ray_runs[f"{workers}_actor"] = {
-                "runs": runs,
-                "seconds_per_study_marginal": slope,
-                "fixed_seconds": runs[n]["seconds"] - n * slope,
-            }
+            )
         ray.shutdown()
-        res["ray"] = ray_runs
-        local_slope = (local[2 * n]["seconds"] - local[n]["seconds"]) / n
-        res["local_seconds_per_study_marginal"] = local_slope
+        local_s = res["local"]["steady_seconds_per_study"]
         res["ray_overhead_seconds_per_study"] = {
-            w: r["seconds_per_study_marginal"] - local_slope for w, r in ray_runs.items()
+            w: res[f"ray_{w}"]["steady_seconds_per_study"] - local_s for w in ("1_actor", "2_actor")
         }
-        res["ratios"] = {
-            f"{w}_vs_local_studies_per_s_at_{2 * n}": r["runs"][2 * n]["studies_per_s"]
-            / local[2 * n]["studies_per_s"]
-            for w, r in ray_runs.items()
+        res["ratios_steady_studies_per_s_vs_local"] = {
+            w: local_s / res[f"ray_{w}"]["steady_seconds_per_study"] for w in ("1_actor", "2_actor")
         }
         res["anchors_for_estimate"] = {
             "vit_b_pass_seconds_2_cores": 5.0,
@@ -153,7 +164,7 @@ def main() -> None:
         }
         path = save("ray_bench", res)
         print(path)
-        for k in ("local", "ray", "ray_overhead_seconds_per_study", "read_preprocess", "ratios"):
+        for k in ("local", "ray_1_actor", "ray_2_actor", "ray_overhead_seconds_per_study", "read_preprocess"):
             print(k, res[k])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -135,20 +135,28 @@ def test_ray_batch_matches_local_batch_and_survives_a_killed_actor(
 
 
 def test_a_study_that_kills_every_actor_is_retried_a_bounded_number_of_times(cluster, tiny_bundles, tmp_path):
-    root, out = tmp_path / "root", tmp_path / "out"
+    from m3d_edge.jobs.privacy import Privacy
+
+    root, out = tmp_path / "DOE_JOHN_123", tmp_path / "out"
     root.mkdir()
     np.save(root / "poison.npy", ct_like_volume(5))
     np.save(root / "case0.npy", ct_like_volume(0))
     s = run_ray_batch(
         tiny_bundles["phi3"], root, out, dict(ASK), ("json",), options(workers=1, max_retries=1),
-        worker_cls=CrashingWorker,
+        private=True, worker_cls=CrashingWorker,
     )  # fmt: skip
     assert (s["ok"], s["failed"]) == (1, 1)
     assert len(list(cluster["crash"].glob("poison-attempt-*"))) == 2  # 1 try + max_retries=1, then given up
     (e,) = errors(out)
-    assert e["study"] == "poison" and e["type"] == "BackendError" and e["exit_code"] == 5
-    assert "no result after 2 attempt(s)" in e["error"]
-    assert (out / "case0" / "result.json").is_file() and not (out / "poison").exists()
+    alias = Privacy(out)  # privacy mode as in local batch: keyed aliases, no names or paths in the log
+    assert e["study"] == alias.alias("poison") and e["type"] == "BackendError" and e["exit_code"] == 5
+    assert (
+        "no result after 2 attempt(s)" in e["error"]
+        and "poison" not in e["error"]
+        and "DOE" not in e["error"]
+    )
+    assert (out / alias.alias("case0") / "result.json").is_file() and not (out / "case0").exists()
+    assert s["root"] is None and "DOE" not in (out / "batch.json").read_text()
 
 
 def test_killed_driver_rerun_redoes_only_what_is_missing(cluster, tiny_bundles, archive, pipe, tmp_path):

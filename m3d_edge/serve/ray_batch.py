@@ -38,7 +38,7 @@ from m3d_edge.jobs.error_log import error_message, is_full, log_error, output_fa
 from m3d_edge.jobs.lock import OutputLock
 from m3d_edge.jobs.outputs import write_result
 from m3d_edge.jobs.partials import remove_stale_partials
-from m3d_edge.jobs.privacy import Privacy
+from m3d_edge.jobs.privacy import ENV_KEY, Privacy
 from m3d_edge.jobs.resume import check_done, differences, normalize, request_key
 
 
@@ -75,10 +75,15 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
-    if address in (None, "", "local"):
-        ray.init(**kwargs)
-    else:
-        ray.init(address=address, **kwargs)
+    try:
+        if address in (None, "", "local"):
+            ray.init(**kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise BackendError(
+            f"--ray {address}: cannot start or reach a Ray cluster ({type(e).__name__})"
+        ) from None
     return True
 
 
@@ -294,6 +299,7 @@ def _run_locked(
                 "private": private,
                 "previewer": previewer,
             },
+            runtime_env={"env_vars": {ENV_KEY: os.environ[ENV_KEY]}} if os.environ.get(ENV_KEY) else None,
             max_restarts=-1,  # a dead worker process is replaced ...
             max_task_retries=max(0, options.max_retries),  # ... and its study retried this many times
         )
