@@ -5,7 +5,7 @@
 The model is the tiny random checkpoint (inference is milliseconds), so the Ray numbers measure the
 machinery: per-study overhead = (Ray seconds per study) - (local seconds per study), both in steady state
 (first result to last, so actor start-up and the cluster start are reported apart). The read/decode side is
-measured on a phantom DICOM series and on the real CT NRRD when present; the inference side of a real
+measured on a phantom DICOM series (120 x 512 x 512, uncompressed); the inference side of a real
 model comes from the measured anchors in the result (ViT-B ~5 s per pass on 2 cores), not from this run.
 """
 
@@ -25,10 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Noise, machine, save, summary  # noqa: E402
 
 ASK = {"task": "report", "max_new_tokens": 8}
-SHARED = next(
-    (p / "shared" / "data" for p in Path(__file__).resolve().parents if (p / "shared" / "data").is_dir()),
-    Path("/nonexistent"),
-)
 
 
 def make_root(root: Path, n: int) -> Path:
@@ -48,8 +44,6 @@ def read_cost(tmp: Path) -> dict:
     cases = {
         "phantom_dicom_120x512x512": phantom.write_phantom_series(tmp / "dcm", slices=120, rows=512, cols=512)
     }
-    if (SHARED / "ct" / "lung1_image.nrrd").is_file():
-        cases["lung1_ct_nrrd"] = SHARED / "ct" / "lung1_image.nrrd"
     out = {}
     for name, path in cases.items():
         runs = []

@@ -251,3 +251,20 @@ def test_two_serve_replicas_answer_like_one_pipeline(cluster, tiny_bundles, pipe
             assert all(httpx.get(f"{url}/studies/{sid}", timeout=30).status_code == 200 for _ in range(4))
     finally:
         serve.shutdown()
+
+
+def test_replicas_sharing_a_data_dir_find_each_others_studies(tmp_path):
+    """What lets a Serve replica answer a study another replica stored (no header, or a moved replica)."""
+    from m3d_edge.serve.errors import ApiError
+    from m3d_edge.serve.uploads import StudyStore
+
+    a, b = StudyStore(tmp_path), StudyStore(tmp_path)
+    staged = a.scratch()
+    np.save(staged / "study.npy", ct_like_volume(0))
+    sid = "0123456789abcdef0123456789abcdef"
+    a.add(sid, "npy", staged, "study.npy", None)
+    assert b.get(sid).input == a.get(sid).input and b.get(sid).info == a.get(sid).info
+    a.delete(sid)
+    with pytest.raises(ApiError) as err:
+        b.get(sid)  # deleted by the other one: gone here too
+    assert err.value.status == 404
