@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from m3d_edge import __version__
+from m3d_edge.cli import ray as _ray  # --ray/--workers options of batch (m3d_edge.serve.ray_batch)
 from m3d_edge.cli.common import (
     EXIT_BATCH_PARTIAL,
     STATE,
@@ -762,6 +763,7 @@ def chat(
     epilog=_epilog(
         "m3d-edge batch ./bundle ./studies --task segment --target liver --out ./results",
         "m3d-edge batch ./bundle ./studies --task report --out ./results --preview",
+        "m3d-edge batch ./bundle ./studies --task report --out ./results --ray auto --workers 4 --worker-gpus 1",
     )
 )
 @handle_errors
@@ -787,6 +789,10 @@ def batch(
     force_seg: bool = ForceSegOpt,
     private: bool = PrivateOpt,
     prompt_format: PromptFormat = PromptFormatOpt,
+    ray_address: str | None = _ray.RayOpt,
+    workers: int = _ray.WorkersOpt,
+    worker_cpus: float = _ray.WorkerCpusOpt,
+    worker_gpus: float = _ray.WorkerGpusOpt,
 ) -> None:
     """Run one task over many studies: resumable (done studies are skipped), errors go to errors.jsonl.
 
@@ -808,7 +814,11 @@ def batch(
     pipe = open_pipeline(bundle, precision, threads, provider)
     params = sampling_params(False, 1.0, 1.0, 0, None, _seg_bias(pipe, force_seg))
     request = dict(request, max_new_tokens=max_new_tokens, sampling=params, prompt_format=_v(prompt_format))
-    summary = run_batch_cli(pipe, root, out, request, fmt, want_preview, private)
+    if ray_address is not None:  # Ray Data: same outputs, resume and error log; see m3d_edge.serve.ray_batch
+        ray_opts = (ray_address, workers, worker_cpus, worker_gpus, _v(precision), threads, _v(provider))
+        summary = _ray.run_ray_batch_cli(pipe, root, out, request, fmt, want_preview, private, *ray_opts)
+    else:
+        summary = run_batch_cli(pipe, root, out, request, fmt, want_preview, private)
     console.print(summary_table(summary, out))
     if summary["failed"]:
         n = summary["failed"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from m3d_edge.cli import ray as _ray  # --ray/--replicas (Ray Serve)
 from m3d_edge.cli.common import handle_errors, note, open_pipeline
 from m3d_edge.errors import PromptError
 
@@ -16,6 +17,7 @@ EXAMPLES = (
     "M3D_EDGE_API_KEYS=$(openssl rand -hex 24) m3d-edge serve ./bundle --port 8080 --cache-mb 4096",
     "m3d-edge serve ./bundle --api-key-file keys.txt --host 0.0.0.0 --tls-cert cert.pem --tls-key key.pem",
     "m3d-edge serve ./bundle --api-key-file keys.txt --allowed-root /data/studies --max-queue 16",
+    "m3d-edge serve ./bundle --api-key-file keys.txt --ray auto --replicas 4 --data-dir /shared/m3d",
 )
 
 
@@ -73,6 +75,10 @@ def serve(
         None, "--cors-origin", help="Allow this browser origin (repeatable); CORS is off without it."
     ),
     no_auth: bool = typer.Option(False, "--no-auth", help="No API keys (refused unless bound to loopback)."),
+    ray_address: str | None = _ray.RayOpt,
+    replicas: int = _ray.ReplicasOpt,
+    min_replicas: int | None = _ray.MinReplicasOpt,
+    max_replicas: int | None = _ray.MaxReplicasOpt,
 ) -> None:
     """Serve the bundle over HTTP: upload studies, ask questions (JSON or streamed), fetch masks and reports.
 
@@ -126,6 +132,8 @@ def serve(
         provider=provider,
         grace_s=grace,
     )
+    if ray_address is not None:  # Ray Serve replicas, each opening its own model (m3d_edge.serve.ray_serve)
+        return _ray.serve_on_ray(config, ray_address, replicas, min_replicas, max_replicas)
     pipe = open_pipeline(bundle, precision, threads, provider)  # a bad bundle fails here, exit 4
     app = create_app(config, pipe)
     state = app.state.m3d

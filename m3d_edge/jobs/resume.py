@@ -53,7 +53,7 @@ def request_key(pipe, ask_kwargs: dict[str, Any], formats: tuple[str, ...]) -> d
         "max_new_tokens": kw.get("max_new_tokens") or pipe.manifest.generation.get("max_new_tokens"),
         "sampling": kw.get("sampling"),
         "precision": dict(getattr(pipe, "precisions", {}) or {}),
-        "formats": sorted(formats),
+        "formats": sorted(formats) if formats is not None else None,  # None: each format that applies
     }
     return normalize(key)
 

@@ -54,13 +54,18 @@ class StudyState:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def files_key(content: str) -> str:
+    """The cache key of a study read from files whose ``content_key`` is ``content``."""
+    return f"files:{content}"
+
+
 def _study_key(study: Any) -> str:
     """Identity of a study for the per-study cache: a hash of its files' content, or the array's content."""
     if isinstance(study, str | Path):
         from m3d_edge.runtime.content_key import content_key
 
         path = Path(study)
-        return f"files:{content_key(path) if path.exists() else path.resolve()}"
+        return files_key(content_key(path)) if path.exists() else f"files:{path.resolve()}"
     data = np.ascontiguousarray(study, dtype=np.float32)
     return f"array:{data.shape}:{hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()}"
 
@@ -195,8 +200,16 @@ class Pipeline:
             volume, record = preprocess(loaded, window=window)
         else:
             volume = np.asarray(study, dtype=np.float32)
+        return self.adopt(key, volume, record, loaded, study if isinstance(study, str | Path) else "array")
+
+    def adopt(
+        self, key: str, volume: np.ndarray, record: Any = None, loaded: Any = None, where: Any = "array"
+    ) -> StudyState:
+        """Run the vision graph on a study preprocessed elsewhere (e.g. a Ray CPU task) and cache it.
+
+        ``key`` is the study's cache key (``files_key(content_key(path))`` for a study read from files).
+        """
         if volume.size != np.prod(self.dims.image_size):
-            where = study if isinstance(study, str | Path) else "array"
             raise StudyError(f"{where}: volume of shape {volume.shape} is not {self.dims.image_size}")
         image = np.ascontiguousarray(volume.reshape(1, 1, *self.dims.image_size), dtype=np.float32)
         t0 = time.perf_counter()

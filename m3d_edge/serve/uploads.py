@@ -188,16 +188,24 @@ class StudyStore:
         os.chmod(self.root, 0o700)
         self.entries: dict[str, StudyEntry] = {}
         for meta in self.root.glob("*/meta.json"):  # a --data-dir from an earlier run
-            try:
-                d = json.loads(meta.read_text(encoding="utf-8"))
-                self.entries[d["study_id"]] = StudyEntry(
-                    d["study_id"], d["kind"], Path(d["input"]), meta.parent, d["info"]
-                )
-            except (OSError, ValueError, KeyError):
-                continue
+            self._read(meta)
+
+    def _read(self, meta: Path) -> StudyEntry | None:
+        try:
+            d = json.loads(meta.read_text(encoding="utf-8"))
+            entry = StudyEntry(d["study_id"], d["kind"], Path(d["input"]), meta.parent, d["info"])
+        except (OSError, ValueError, KeyError):
+            return None
+        self.entries[entry.study_id] = entry
+        return entry
 
     def get(self, study_id: str) -> StudyEntry:
         entry = self.entries.get(study_id) if STUDY_ID.match(study_id) else None
+        if entry is not None and not entry.folder.is_dir():  # deleted by another server on this --data-dir
+            self.entries.pop(study_id, None)
+            entry = None
+        if entry is None and STUDY_ID.match(study_id):  # stored by another server (Ray Serve replicas)
+            entry = self._read(self.root / study_id / "meta.json")
         if entry is None:
             raise ApiError(404, "unknown_study", f"no study {study_id!r} on this server (upload it first)")
         return entry
