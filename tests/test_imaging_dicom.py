@@ -272,4 +272,6 @@ def test_junk_files_skipped_and_truncated_pixels_named(tmp_path):
     paths[1].write_bytes(paths[1].read_bytes()[:-1000])
     with pytest.raises(StudyError) as ei:
         load_study(tmp_path)
-    assert str(ei.value).startswith(f"{paths[1].name}: cannot decode Explicit VR Little Endian pixel data")
+    # the truncated slice is skipped and named; the series then has a gap and is refused (exit 3)
+    assert "missing slices" in str(ei.value) and ei.value.exit_code == 3
+    assert f"{paths[1].name} (ValueError: pixel data truncated" in str(ei.value)

@@ -36,6 +36,7 @@ from m3d_edge.cli.common import (
     show_result,
     stream_writer,
     task_request,
+    warn_study,
 )
 from m3d_edge.errors import BundleError, GenerationError, PromptError, StudyError
 
@@ -575,6 +576,7 @@ def run(
     result.target = request["target"]
     if stream:
         (sys.stderr if as_json else sys.stdout).write("\n")
+    warn_study(result.study)
     if out is not None:
         write_outputs(result, out, bundle_id=pipe.manifest.bundle_id, bundle_version=pipe.manifest.producer)
     html = preview([result], out) if want_preview and out is not None else None
@@ -632,6 +634,7 @@ def chat(
     pipe = open_pipeline(bundle, precision, threads, provider)
     with console.status("loading the study and running the vision encoder ..."):
         state = pipe.prepare(study)
+    warn_study(state.study)
     console.print(f"study ready ({fmt_s(state.timings.get('vision'))} vision). {CHAT_HELP}", soft_wrap=True)
     params = sampling_params(False, 1.0, 1.0, 0, None, _seg_bias(pipe, force_seg))
     turn = 0

@@ -189,6 +189,12 @@ def timings_line(t: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def warn_study(study) -> None:
+    """The study's warnings (skipped files, dropped localizers, resampling) on stderr."""
+    for n in getattr(study, "notes", None) or []:
+        note(f"warning: {n}")
+
+
 def show_result(result, title: str | None = None) -> None:
     """A human-readable view of one result (the JSON holds everything)."""
     d = result.to_dict()
