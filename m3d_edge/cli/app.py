@@ -148,6 +148,18 @@ MaxNewOpt = typer.Option(None, "--max-new-tokens", "-n", help="Stop after N new 
 PrecisionOpt = typer.Option(None, "--precision", help="Graph precision variant.")
 ThreadsOpt = typer.Option(0, "--threads", help="Intra-op threads per graph (0: onnxruntime's default).")
 ProviderOpt = typer.Option(Provider.cpu, "--provider", help="Execution provider.")
+SeriesOpt = typer.Option(
+    None,
+    "--series",
+    help="DICOM series to use: SeriesInstanceUID, SeriesNumber or a SeriesDescription substring "
+    "(default: the axial CT series with the most slices; `m3d-edge inspect STUDY` lists them).",
+)
+ResampleOpt = typer.Option(
+    False,
+    "--allow-resample",
+    help="Resample a DICOM series with missing slices or uneven spacing onto a uniform grid instead of "
+    "refusing it (no DICOM SEG then: it could not reference the source slices).",
+)
 PromptFormatOpt = typer.Option(
     PromptFormat.auto,
     "--prompt-format",
@@ -345,6 +357,8 @@ def export(
 def inspect(
     path: Path = typer.Argument(..., help="A bundle folder or a study.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    series: str | None = SeriesOpt,
+    allow_resample: bool = ResampleOpt,
 ) -> None:
     """Describe a bundle (graphs, precisions, sizes, token ids, dims, calibration) or a study (series found)."""
     from m3d_edge.bundle import MANIFEST
@@ -354,7 +368,7 @@ def inspect(
     if path.is_dir() and (path / MANIFEST).is_file():
         _inspect_bundle(path, as_json)
     else:
-        _inspect_study(path, as_json)
+        _inspect_study(path, as_json, series, allow_resample)
 
 
 def _inspect_bundle(path: Path, as_json: bool) -> None:
@@ -461,56 +475,10 @@ def _inspect_bundle(path: Path, as_json: bool) -> None:
         console.print("[dim]no calibration reports[/dim]")
 
 
-def _inspect_study(path: Path, as_json: bool) -> None:
-    from m3d_edge.runtime.imaging import load_study, scan_folder
+def _inspect_study(path: Path, as_json: bool, series: str | None, allow_resample: bool) -> None:
+    from m3d_edge.cli.inspect_study import inspect_study
 
-    if path.is_dir():
-        infos = scan_folder(path)
-        if not infos:
-            raise StudyError(f"{path}: no DICOM files found")
-        if as_json:
-            sys.stdout.write(json.dumps([i.to_dict() for i in infos], indent=2, default=str) + "\n")
-        else:
-            table = Table(title=f"DICOM series under {path}")
-            for col in ("", "series", "modality", "class", "slices", "orientation", "description", "why"):
-                table.add_column(col, overflow="fold")
-            for s in infos:
-                why = s.reason + (f" [problem: {s.problem}]" if s.problem else "")
-                table.add_row(
-                    "[green]→[/green]" if s.chosen else "",
-                    str(s.series_number if s.series_number is not None else "-"),
-                    s.modality,
-                    s.sop_class,
-                    str(s.n_slices),
-                    s.orientation or "-",
-                    s.description,
-                    Text(why),
-                )
-            console.print(table)
-            chosen = [s for s in infos if s.chosen]
-            if chosen:
-                console.print(f"would use: {chosen[0].name}", soft_wrap=True)
-        if not any(s.chosen for s in infos):
-            raise StudyError(f"{path}: no usable CT series (see the table)")
-        return
-    study = load_study(path)
-    info = {
-        "kind": study.kind,
-        "shape_zyx": list(study.hu.shape),
-        "spacing_zyx_mm": list(study.geometry.spacing),
-        "value_range": [float(study.hu.min()), float(study.hu.max())],
-        "preprocessed": study.preprocessed,
-        "study_instance_uid": study.study_instance_uid,
-        "series_instance_uid": study.series_instance_uid,
-        "notes": study.notes,
-    }
-    if as_json:
-        sys.stdout.write(json.dumps(info, indent=2) + "\n")
-        return
-    table = Table(title=str(path), show_header=False)
-    for k, v in info.items():
-        table.add_row(k, str(v))
-    console.print(table)
+    inspect_study(path, as_json, series, allow_resample)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -554,6 +522,8 @@ def run(
     ),
     force_seg: bool = ForceSegOpt,
     prompt_format: PromptFormat = PromptFormatOpt,
+    series: str | None = SeriesOpt,
+    allow_resample: bool = ResampleOpt,
 ) -> None:
     """Ask one question about one study; print the answer, box and mask, optionally write files."""
     from m3d_edge.runtime.outputs import write_outputs
@@ -571,6 +541,8 @@ def run(
         sampling=params,
         on_text=on_text,
         prompt_format=_v(prompt_format),
+        series=series,
+        allow_resample=allow_resample,
         **request,
     )
     result.target = request["target"]
@@ -627,13 +599,15 @@ def chat(
     provider: Provider = ProviderOpt,
     force_seg: bool = ForceSegOpt,
     prompt_format: PromptFormat = PromptFormatOpt,
+    series: str | None = SeriesOpt,
+    allow_resample: bool = ResampleOpt,
 ) -> None:
     """Ask questions about one study interactively (reads stdin; image features are computed once)."""
     from m3d_edge.runtime.outputs import write_outputs
 
     pipe = open_pipeline(bundle, precision, threads, provider)
     with console.status("loading the study and running the vision encoder ..."):
-        state = pipe.prepare(study)
+        state = pipe.prepare(study, series=series, allow_resample=allow_resample)
     warn_study(state.study)
     console.print(f"study ready ({fmt_s(state.timings.get('vision'))} vision). {CHAT_HELP}", soft_wrap=True)
     params = sampling_params(False, 1.0, 1.0, 0, None, _seg_bias(pipe, force_seg))
@@ -665,6 +639,8 @@ def chat(
                 sampling=params,
                 on_text=stream_writer(),
                 prompt_format=_v(prompt_format),
+                series=series,
+                allow_resample=allow_resample,
                 **request,
             )
             result.target = request["target"]
@@ -725,6 +701,8 @@ def batch(
     want_preview: bool = typer.Option(False, "--preview", help="Per-study report.html and an index.html."),
     force_seg: bool = ForceSegOpt,
     prompt_format: PromptFormat = PromptFormatOpt,
+    series: str | None = SeriesOpt,
+    allow_resample: bool = ResampleOpt,
 ) -> None:
     """Run one task over many studies: resumable (done studies are skipped), errors go to errors.jsonl.
 
@@ -743,7 +721,14 @@ def batch(
         raise StudyError(f"{root}: not a folder")
     pipe = open_pipeline(bundle, precision, threads, provider)
     params = sampling_params(False, 1.0, 1.0, 0, None, _seg_bias(pipe, force_seg))
-    request = dict(request, max_new_tokens=max_new_tokens, sampling=params, prompt_format=_v(prompt_format))
+    request = dict(
+        request,
+        max_new_tokens=max_new_tokens,
+        sampling=params,
+        prompt_format=_v(prompt_format),
+        series=series,
+        allow_resample=allow_resample,
+    )
     summary = run_batch(pipe, root, out, request, fmt, want_preview)
     console.print(summary_table(summary, out))
     if summary["failed"]:

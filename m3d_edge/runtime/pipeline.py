@@ -128,16 +128,23 @@ class Pipeline:
         return cls(bundle, read_manifest(bundle, verify=verify), options or BackendOptions(), precision)
 
     # -- studies ---------------------------------------------------------------------------------
-    def prepare(self, study: Any, window: str = "m3d") -> StudyState:
-        """Load and preprocess a study (path or array) and run the vision graph, once per study."""
+    def prepare(
+        self, study: Any, window: str = "m3d", series: str | None = None, allow_resample: bool = False
+    ) -> StudyState:
+        """Load and preprocess a study (path or array) and run the vision graph, once per study.
+
+        ``series`` and ``allow_resample`` are passed to :func:`~m3d_edge.runtime.imaging.load_study`.
+        """
         key = _study_key(study)
+        if series is not None or allow_resample:
+            key += f"|series={series}|resample={allow_resample}"
         if self.state is not None and self.state.key == key:
             return self.state
         loaded = record = None
         if isinstance(study, str | Path):
             from m3d_edge.runtime.imaging import load_study, preprocess
 
-            loaded = load_study(study)
+            loaded = load_study(study, series=series, allow_resample=allow_resample)
             volume, record = preprocess(loaded, window=window)
         else:
             volume = np.asarray(study, dtype=np.float32)
@@ -189,12 +196,14 @@ class Pipeline:
         on_text: Callable[[str], None] | None = None,
         window: str = "m3d",
         prompt_format: str = "auto",
+        series: str | None = None,
+        allow_resample: bool = False,
     ) -> Result:
         """Answer one question on a study; ``task`` picks a preset (see ``TASKS``), else ``question`` is used.
 
         ``prompt_format``: ``auto`` (task presets in M3D's training format, free questions as M3D's demo
         scripts build them, with no space), ``demo`` or ``train`` for every prompt (see
-        :mod:`m3d_edge.runtime.prompts`).
+        :mod:`m3d_edge.runtime.prompts`). ``series``/``allow_resample``: see :meth:`prepare`.
         """
         t_start = time.perf_counter()
         fmt = resolve_prompt_format(task, prompt_format)
@@ -204,7 +213,7 @@ class Pipeline:
         if not question:
             raise PromptError("no question given (pass a question or a task)")
         previous = self.state
-        state = self.prepare(study, window)
+        state = self.prepare(study, window, series=series, allow_resample=allow_resample)
         cached = state is previous
         ids = self.prompt_ids(question, separator == " ")
         embeds = self.embed(ids, state.image_embeds)

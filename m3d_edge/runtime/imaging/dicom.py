@@ -98,6 +98,7 @@ class SeriesInfo:
     chosen: bool = False
     reason: str = ""  # why it is (not) chosen
     problem: str | None = None  # geometry problem that would refuse it (None: fine)
+    irregular: str | None = None  # missing slices / uneven spacing: refused unless resampled on request
     files: list[Path] = field(default_factory=list, repr=False)
     frames: list[_Frame] = field(default_factory=list, repr=False)
     headers: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -403,7 +404,7 @@ def _scan(
         else:
             s.eligible = True
             try:
-                _check_geometry(s.frames, s.name)
+                s.irregular = _check_geometry(s.frames, s.name).irregular
             except StudyError as exc:
                 s.problem = str(exc)
     return infos
@@ -427,7 +428,7 @@ def _select(infos: list[SeriesInfo], series: str | None, where: str) -> SeriesIn
             if s is not chosen:
                 s.reason = (
                     f"not chosen: {s.orientation or 'unknown'} series with {s.n_slices} slices; "
-                    "select it with series="
+                    "select it with --series (series= in the API)"
                 )
     else:
         key = str(series).strip()
@@ -626,7 +627,9 @@ def load_dicom(
         info = _select(infos, series, str(root))
         layout = _check_geometry(info.frames, info.name)
         if layout.irregular and not allow_resample:
-            raise StudyError(f"{info.name}: {layout.irregular}; refused (allow_resample resamples it)")
+            raise StudyError(
+                f"{info.name}: {layout.irregular}; refused (--allow-resample, allow_resample=True in the API, resamples it)"
+            )
     except StudyError as exc:
         if skipped:
             raise StudyError(f"{exc} ({notes[0]})") from None
