@@ -29,12 +29,25 @@ from m3d_edge.fileio import atomic_write_text
 RESULT_NAME = "result.json"
 ERRORS_NAME = "errors.jsonl"
 SUMMARY_NAME = "batch.json"
-STUDY_SUFFIXES = (".nii.gz", ".nii", ".npy")
+STUDY_SUFFIXES = (".nii.gz", ".nii", ".npy", ".nrrd", ".nhdr", ".mha", ".mhd")
+DATA_SUFFIXES = (".raw", ".zraw")  # the data halves of .mhd/.nhdr pairs: not studies, not reported
 _PARTIAL = re.compile(r"^\..*\.partial-(\d+)(\..*)?$")
 
 
+def not_studies(root: Path) -> list[str]:
+    """Names of the files directly under ``root`` that ``discover`` does not take as studies."""
+    return sorted(
+        c.name
+        for c in root.iterdir()
+        if c.is_file()
+        and not c.name.startswith(".")
+        and not c.name.lower().endswith(STUDY_SUFFIXES + DATA_SUFFIXES)
+        and c.name not in (ERRORS_NAME, SUMMARY_NAME)
+    )
+
+
 def discover(root: Path) -> list[tuple[str, Path]]:
-    """(name, path) of every study under ``root``: subfolders, and .nii/.nii.gz/.npy files; sorted."""
+    """(name, path) of every study under ``root``: subfolders, and NIfTI/NRRD/MetaImage/.npy files; sorted."""
     if not root.is_dir():
         raise StudyError(f"{root}: not a folder (batch reads one study per subfolder or volume file)")
     found: list[tuple[str, Path]] = []
@@ -108,8 +121,14 @@ def run_batch(
     from m3d_edge.runtime.outputs import write_outputs
 
     studies = discover(root)
+    ignored = not_studies(root)
+    if ignored:
+        more = f" and {len(ignored) - 10} more" if len(ignored) > 10 else ""
+        note(f"warning: skipped {len(ignored)} file(s) that are not studies: {', '.join(ignored[:10])}{more}")
     if not studies:
-        raise StudyError(f"{root}: no studies (subfolders, .nii, .nii.gz or .npy files) found")
+        raise StudyError(
+            f"{root}: no studies (subfolders, .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or .npy files) found"
+        )
     out.mkdir(parents=True, exist_ok=True)
     cleaned = remove_stale_partials(out)
     if cleaned:
@@ -179,6 +198,7 @@ def run_batch(
         "ok": ok,
         "skipped": skipped,
         "failed": failed,
+        "not_studies": ignored,
         "seconds": time.perf_counter() - t_start,
         "mean_seconds_per_study": sum(seconds) / len(seconds) if seconds else None,
         "entries": entries,
@@ -201,6 +221,7 @@ def summary_table(summary: dict[str, Any], out: Path) -> Table:
     table.add_row("[green]written[/green]", str(summary["ok"]))
     table.add_row("already done (skipped)", str(summary["skipped"]))
     table.add_row("[red]failed[/red]" if summary["failed"] else "failed", str(summary["failed"]))
+    table.add_row("files that are not studies (ignored)", str(len(summary.get("not_studies", []))))
     table.add_row("time", fmt_s(summary["seconds"]))
     table.add_row("per study", fmt_s(summary["mean_seconds_per_study"]))
     return table

@@ -78,6 +78,8 @@ class Pipeline:
                 f"{bundle / manifest.embed['file']}: shape {self.embed_table.shape} does not match the manifest"
             )
         self.tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer["file"]))
+        self.precision_requested = precision if isinstance(precision, str) else None
+        self.precision_fallbacks: dict[str, str] = {}  # graph -> what runs instead of the asked precision
         if options.provider == "trt":
             self._open_engines(precision)
         else:
@@ -90,13 +92,27 @@ class Pipeline:
         """ONNX Runtime sessions, each graph at the precision asked for or the manifest's default."""
         self.sessions: dict[str, Any] = {}
         self.precisions: dict[str, str] = {}
-        for name, spec in self.manifest.specs().items():
+        specs = self.manifest.specs()
+        if isinstance(precision, str):  # a precision no graph has is refused, never run as another one
+            have = {
+                p
+                for n in specs
+                for p in (self.manifest.graphs[n].precision, *self.manifest.graphs[n].variants)
+            }
+            if precision not in have:
+                raise BundleError(
+                    f"{self.bundle}: no graph has a {precision} variant (this bundle has "
+                    f"{', '.join(sorted(have))}); `m3d-edge calibrate BUNDLE --data DIR` writes INT8/INT4 variants"
+                )
+        for name, spec in specs.items():
             entry = self.manifest.graphs[name]
             if isinstance(precision, dict):
                 want = precision.get(name)  # must exist: resolve() refuses a missing variant
-            else:  # one name for all: graphs without that variant keep their default
+            else:  # one name for all: graphs without that variant keep their default, recorded
                 want = precision if precision in (entry.precision, *entry.variants) else None
             file, self.precisions[name] = entry.resolve(want)
+            if isinstance(precision, str) and want is None:
+                self.precision_fallbacks[name] = f"{self.precisions[name]} (no {precision} variant)"
             self.sessions[name] = GraphSession(self.bundle / file, spec, self.options)
         self.decoder = Decoder(self.sessions["decoder"], self.dims, self.embed_table)
 
@@ -287,6 +303,8 @@ class Pipeline:
             "family": self.dims.family,
             "provider": {name: s.provider for name, s in self.sessions.items()},
             "precision": dict(self.precisions),
+            **({"precision_requested": self.precision_requested} if self.precision_requested else {}),
+            **({"precision_fallback": dict(self.precision_fallbacks)} if self.precision_fallbacks else {}),
         }
 
 

@@ -27,7 +27,7 @@ class Study:
 
     hu: np.ndarray
     geometry: Geometry
-    kind: str  # "dicom" | "nifti" | "npy"
+    kind: str  # "dicom" | "nifti" | "nrrd" | "metaimage" | "npy"
     source_path: Path
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
@@ -45,7 +45,7 @@ class Study:
 def load_study(
     path: Path | str, series: str | None = None, allow_resample: bool = False, max_voxels: int | None = None
 ) -> Study:
-    """Load a DICOM folder (or single DICOM file), a NIfTI file, or an M3D ``.npy`` volume.
+    """Load a DICOM folder (or single DICOM file), a NIfTI, NRRD or MetaImage file, or an M3D ``.npy``.
 
     ``series`` selects a DICOM series by SeriesInstanceUID, SeriesNumber or a description substring
     (default: the axial CT series with the most slices). ``allow_resample`` lets a DICOM series with
@@ -64,11 +64,22 @@ def load_study(
         return load_nifti(path, max_voxels=max_voxels)
     if name.endswith(".npy"):
         return load_npy(path)
+    if name.endswith((".nrrd", ".nhdr")):
+        from m3d_edge.runtime.imaging.nrrd import load_nrrd
+
+        return load_nrrd(path, max_voxels=max_voxels)
+    if name.endswith((".mha", ".mhd")):
+        from m3d_edge.runtime.imaging.metaimage import load_metaimage
+
+        return load_metaimage(path, max_voxels=max_voxels)
     from m3d_edge.runtime.imaging.dicom import is_dicom_file, load_dicom
 
     if is_dicom_file(path):
         return load_dicom(path, series=series, allow_resample=allow_resample, max_voxels=max_voxels)
-    raise StudyError(f"{path}: not a DICOM folder or file, NIfTI (.nii, .nii.gz) or M3D .npy volume")
+    raise StudyError(
+        f"{path}: not a DICOM folder or file, NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), "
+        "MetaImage (.mha, .mhd) or M3D .npy volume"
+    )
 
 
 def _check_nifti_size(path: Path, img: Any, max_voxels: int | None) -> None:
