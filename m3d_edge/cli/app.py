@@ -23,6 +23,9 @@ from m3d_edge import __version__
 from m3d_edge.cli.common import (
     EXIT_BATCH_PARTIAL,
     STATE,
+    check_numbers,
+    check_out_dir,
+    check_study_arg,
     console,
     error_line,
     fmt_bytes,
@@ -532,6 +535,9 @@ def run(
     if want_preview and out is None:
         raise PromptError("--preview needs --out DIR")
     params = sampling_params(sample, temperature, top_p, top_k, seed)
+    check_numbers(threads, max_new_tokens)
+    check_out_dir(out)
+    check_study_arg(study)
     pipe = open_pipeline(bundle, precision, threads, provider)
     params.logit_bias.update(_seg_bias(pipe, force_seg))
     on_text = stream_writer(to_stderr=as_json) if stream else None
@@ -605,6 +611,9 @@ def chat(
     """Ask questions about one study interactively (reads stdin; image features are computed once)."""
     from m3d_edge.runtime.outputs import write_outputs
 
+    check_numbers(threads, max_new_tokens)
+    check_out_dir(out)
+    check_study_arg(study)
     pipe = open_pipeline(bundle, precision, threads, provider)
     with console.status("loading the study and running the vision encoder ..."):
         state = pipe.prepare(study, series=series, allow_resample=allow_resample)
@@ -633,16 +642,23 @@ def chat(
                 raise PromptError(f"unknown command {line.split()[0]!r}; {CHAT_HELP}")
             else:
                 request = task_request(None, None, line, None, None)
-            result = pipe.ask(
-                study,
-                max_new_tokens=max_new_tokens,
-                sampling=params,
-                on_text=stream_writer(),
-                prompt_format=_v(prompt_format),
-                series=series,
-                allow_resample=allow_resample,
-                **request,
-            )
+            try:
+                result = pipe.ask(
+                    study,
+                    max_new_tokens=max_new_tokens,
+                    sampling=params,
+                    on_text=stream_writer(),
+                    prompt_format=_v(prompt_format),
+                    series=series,
+                    allow_resample=allow_resample,
+                    **request,
+                )
+            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+                if pipe.state is not None:
+                    pipe.state.cache = None  # a half-written KV cache is not reused
+                sys.stdout.write("\n")
+                note("answer stopped (Ctrl-C); ask again, or /quit")
+                continue
             result.target = request["target"]
             sys.stdout.write("\n")
             turn += 1
@@ -719,6 +735,8 @@ def batch(
         raise PromptError(f"--format {formats!r}: choose from {', '.join(FORMATS)}")
     if not root.is_dir():
         raise StudyError(f"{root}: not a folder")
+    check_numbers(threads, max_new_tokens)
+    check_out_dir(out)
     pipe = open_pipeline(bundle, precision, threads, provider)
     params = sampling_params(False, 1.0, 1.0, 0, None, _seg_bias(pipe, force_seg))
     request = dict(

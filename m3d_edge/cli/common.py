@@ -106,6 +106,50 @@ def task_request(
     }
 
 
+def check_out_dir(out: Path | None, option: str = "--out") -> None:
+    """Refuse, before any model is loaded, an output folder that cannot be one (a file, a file above it)."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PromptError(f"{option} {out}: exists and is not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PromptError(f"{option} {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PromptError(f"{option} {out}: {parent} is not writable")
+
+
+def check_study_arg(study: Path) -> None:
+    """Refuse, before any model is loaded, a study path that does not exist or is no kind we read."""
+    from m3d_edge.errors import StudyError
+
+    study = Path(study)
+    if not study.exists():
+        raise StudyError(f"{study}: no such file or folder")
+    if study.is_dir():
+        return
+    low = study.name.lower()
+    if low.endswith((".nii", ".nii.gz", ".npy", ".nrrd", ".nhdr", ".mha", ".mhd")):
+        return
+    from m3d_edge.runtime.imaging.dicom import is_dicom_file
+
+    if not is_dicom_file(study):
+        raise StudyError(
+            f"{study}: not a DICOM folder or file, NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), "
+            "MetaImage (.mha, .mhd) or M3D .npy volume"
+        )
+
+
+def check_numbers(threads: int, max_new_tokens: int | None) -> None:
+    if threads < 0:
+        raise PromptError(f"--threads {threads}: must be 0 (onnxruntime's default) or more")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise PromptError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+
+
 def backend_options(provider: str, threads: int):
     from m3d_edge.runtime.backend import BackendOptions
 
@@ -117,7 +161,10 @@ def open_pipeline(bundle: Path, precision: str | None, threads: int, provider: s
 
     precision = getattr(precision, "value", precision)
     provider = getattr(provider, "value", provider)
-    return Pipeline.open(bundle, backend_options(provider, threads), precision=precision)
+    pipe = Pipeline.open(bundle, backend_options(provider, threads), precision=precision)
+    for graph, used in getattr(pipe, "precision_fallbacks", {}).items():
+        note(f"warning: --precision {precision}: {graph} runs {used}")
+    return pipe
 
 
 def sampling_params(
