@@ -35,6 +35,7 @@ from m3d_edge.cli.common import (
     note,
     open_pipeline,
     preview,
+    require_export_extra,
     sampling_params,
     show_result,
     stream_writer,
@@ -193,8 +194,10 @@ def demo(
 ) -> None:
     """End to end on a fresh machine: tiny random checkpoint + phantom CT -> bundle -> report, locate, segment.
 
-    Needs the [export] extra (torch) for the checkpoint and the export; the answers run torch-free.
+    Needs the \\[export] extra (torch, transformers, onnx) for the checkpoint and the export; the answers run torch-free. On a fresh machine `make demo` installs it and runs this.
     """
+    check_out_dir(out)
+    require_export_extra("demo")
     from m3d_edge.export.exporter import export_bundle
     from m3d_edge.export.tiny import write_tiny_checkpoint
     from m3d_edge.runtime.generate import SamplingParams
@@ -278,7 +281,8 @@ def tiny_checkpoint(
         help="Teach the decoder fixed answers to the task prompts (about a minute for tiny).",
     ),
 ) -> None:
-    """Write a random-weight M3D-LaMed checkpoint in the released folder layout (needs torch)."""
+    """Write a random-weight M3D-LaMed checkpoint in the released folder layout (needs the \\[export] extra)."""
+    require_export_extra("tiny-checkpoint")
     from m3d_edge.export.tiny import write_tiny_checkpoint
 
     family, preset = _v(family), _v(preset)
@@ -330,7 +334,11 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Compare every graph with torch."),
 ) -> None:
-    """Export a checkpoint to a verified bundle: ONNX graphs, embedding table, tokenizer, manifest."""
+    """Export a checkpoint to a verified bundle: ONNX graphs, embedding table, tokenizer, manifest.
+
+    Needs the \\[export] extra (torch, transformers, onnx, safetensors, sentencepiece).
+    """
+    require_export_extra("export")
     from m3d_edge.export.exporter import TOLERANCE, export_bundle
 
     report = _export_with_progress(
@@ -783,7 +791,10 @@ def bench(
         None, "--reference", help="Checkpoint: also time the torch reference (needs torch) and print ratios."
     ),
 ) -> None:
-    """Latency percentiles per graph, TTFT, decode tokens/s and peak RSS (benchmark protocol, DESIGN §9)."""
+    """Latency percentiles per graph, TTFT, decode tokens/s and peak RSS.
+
+    The benchmark models and protocol: docs/architecture.md, section 8 "Benchmark models and protocol".
+    """
     from m3d_edge.cli.bench import bench_pipeline, bench_reference, load_image
 
     pipe = open_pipeline(bundle, precision, threads, provider)
@@ -842,7 +853,7 @@ def bench(
         )
         console.print(cmp)
         console.print(
-            "[dim]ratios > 1 mean the bundle is faster (one process; see DESIGN §9 for the protocol)[/dim]"
+            "[dim]ratios > 1 mean the bundle is faster (one process; protocol: docs/architecture.md §8)[/dim]"
         )
 
 
@@ -871,7 +882,10 @@ def calibrate(
     samples: int = typer.Option(32, "--samples", min=1, help="Number of calibration studies to use."),
     force: bool = typer.Option(False, "--force", help="Write variants even if they fail the accuracy gate."),
 ) -> None:
-    """Quantize the bundle's graphs to INT8/INT4 variants with calibration reports (DESIGN §6)."""
+    """Quantize the bundle's graphs to INT8/INT4 variants with calibration reports and an accuracy gate.
+
+    How variants, reports and gates work: docs/architecture.md, section 6 "Backends and precision".
+    """
     from m3d_edge.calibration import calibrate_bundle
 
     if not data.is_dir():

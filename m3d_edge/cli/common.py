@@ -106,6 +106,28 @@ def task_request(
     }
 
 
+EXPORT_INSTALL = (
+    "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && "
+    'pip install "m3d-edge[export]" (from a checkout: pip install -e ".[export]", or make demo)'
+)
+
+
+def require_export_extra(command: str) -> None:
+    """One line naming the extra when torch & co. are missing (the runtime alone does not need them)."""
+    from m3d_edge.errors import ExportError
+
+    missing = []
+    for module in ("torch", "transformers", "onnx", "safetensors"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ExportError(
+            f"`m3d-edge {command}` needs the [export] extra ({', '.join(missing)} not installed): {EXPORT_INSTALL}"
+        )
+
+
 def check_out_dir(out: Path | None, option: str = "--out") -> None:
     """Refuse, before any model is loaded, an output folder that cannot be one (a file, a file above it)."""
     if out is None:
