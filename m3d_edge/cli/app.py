@@ -208,7 +208,7 @@ def demo(
     out, family = Path(out), _v(family)
     t_all = time.perf_counter()
     with console.status("writing a tiny random-weight checkpoint ..."):
-        ckpt = write_tiny_checkpoint(out / "checkpoint", family=family, preset="tiny", seed=0)
+        ckpt = write_tiny_checkpoint(out / "checkpoint", family=family, preset="tiny", seed=0, seg_band=True)
     console.print(f"[green]✓[/green] checkpoint   {ckpt}  ({family}, tiny preset, random weights)")
     with console.status("writing a synthetic CT series ..."):
         phantom = write_phantom_series(out / "phantom")
