@@ -186,6 +186,9 @@ def read_header(path: Path, limit: int | None = None) -> Any:
     """
     with readable_copy(path, limit) as p, open(p, "rb") as fh:
         ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=DEFER_SIZE)
+        if "Rows" in ds and "Columns" in ds:  # a refusal (exit 3), not a skipped file
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            check_voxels((frames, int(ds.Rows or 0), int(ds.Columns or 0)), str(path), limit)
         _check_pixel_length(ds, fh.tell(), os.fstat(fh.fileno()).st_size)
     return ds
 
