@@ -319,6 +319,14 @@ def test_demo_end_to_end(tmp_path):
     seg = json.loads((res / "segment.json").read_text())
     assert seg["mask"]["files"] == {"nifti": "segment_mask.nii.gz", "seg": "segment_seg.dcm"}
     assert seg["study"]["kind"] == "dicom"
+    # the demo model's SegVol head follows the phantom's liver: a real outline, mapped back to the series
+    import nibabel as nib
+
+    mask = np.asarray(nib.load(res / "segment_mask.nii.gz").dataobj).transpose(2, 1, 0).astype(bool)
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in (40, 128, 128)), indexing="ij")
+    liver = ((x + 0.35) / 0.33) ** 2 + ((y + 0.05) / 0.33) ** 2 + (z / 0.75) ** 2 < 1  # phantom.phantom_hu
+    assert mask.shape == liver.shape and mask.sum() < 0.1 * mask.size
+    assert 2 * (mask & liver).sum() / (mask.sum() + liver.sum()) > 0.85
 
 
 def test_build_engines_and_trt_provider_refuse_without_tensorrt(bundle, npy_study):

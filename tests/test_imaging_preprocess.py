@@ -92,7 +92,7 @@ def test_lung_series_preprocess_vs_torch(tmp_path):
 
 def test_constant_volume_refused():
     with pytest.raises(StudyError, match="constant"):
-        preprocess(np.full((4, 8, 8), -1024, np.float32))
+        preprocess(np.full((8, 8, 8), -1024, np.float32))
 
 
 def test_npy_identity(tmp_path):

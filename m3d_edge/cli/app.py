@@ -24,6 +24,9 @@ from m3d_edge.cli import ray as _ray  # --ray/--workers options of batch (m3d_ed
 from m3d_edge.cli.common import (
     EXIT_BATCH_PARTIAL,
     STATE,
+    check_numbers,
+    check_out_dir,
+    check_study_arg,
     console,
     error_line,
     fmt_bytes,
@@ -33,10 +36,12 @@ from m3d_edge.cli.common import (
     note,
     open_pipeline,
     preview,
+    require_export_extra,
     sampling_params,
     show_result,
     stream_writer,
     task_request,
+    warn_study,
 )
 from m3d_edge.errors import BundleError, GenerationError, PromptError, StudyError
 
@@ -163,6 +168,18 @@ PrivateOpt = typer.Option(
     help="Privacy mode (also M3D_EDGE_PRIVATE=1): outputs named by a keyed hash, no source names in logs "
     "or reports, UIDs replaced in the JSON, no DICOM SEG.",
 )
+SeriesOpt = typer.Option(
+    None,
+    "--series",
+    help="DICOM series to use: SeriesInstanceUID, SeriesNumber or a SeriesDescription substring "
+    "(default: the axial CT series with the most slices; `m3d-edge inspect STUDY` lists them).",
+)
+ResampleOpt = typer.Option(
+    False,
+    "--allow-resample",
+    help="Resample a DICOM series with missing slices or uneven spacing onto a uniform grid instead of "
+    "refusing it (no DICOM SEG then: it could not reference the source slices).",
+)
 PromptFormatOpt = typer.Option(
     PromptFormat.auto,
     "--prompt-format",
@@ -199,8 +216,10 @@ def demo(
 ) -> None:
     """End to end on a fresh machine: tiny random checkpoint + phantom CT -> bundle -> report, locate, segment.
 
-    Needs the [export] extra (torch) for the checkpoint and the export; the answers run torch-free.
+    Needs the \\[export] extra (torch, transformers, onnx) for the checkpoint and the export; the answers run torch-free. On a fresh machine `make demo` installs it and runs this.
     """
+    check_out_dir(out)
+    require_export_extra("demo")
     from m3d_edge.export.exporter import export_bundle
     from m3d_edge.export.tiny import write_tiny_checkpoint
     from m3d_edge.runtime.generate import SamplingParams
@@ -211,7 +230,7 @@ def demo(
     out, family = Path(out), _v(family)
     t_all = time.perf_counter()
     with console.status("writing a tiny random-weight checkpoint ..."):
-        ckpt = write_tiny_checkpoint(out / "checkpoint", family=family, preset="tiny", seed=0)
+        ckpt = write_tiny_checkpoint(out / "checkpoint", family=family, preset="tiny", seed=0, seg_band=True)
     console.print(f"[green]✓[/green] checkpoint   {ckpt}  ({family}, tiny preset, random weights)")
     with console.status("writing a synthetic CT series ..."):
         phantom = write_phantom_series(out / "phantom")
@@ -285,7 +304,8 @@ def tiny_checkpoint(
         help="Teach the decoder fixed answers to the task prompts (about a minute for tiny).",
     ),
 ) -> None:
-    """Write a random-weight M3D-LaMed checkpoint in the released folder layout (needs torch)."""
+    """Write a random-weight M3D-LaMed checkpoint in the released folder layout (needs the \\[export] extra)."""
+    require_export_extra("tiny-checkpoint")
     from m3d_edge.export.tiny import write_tiny_checkpoint
 
     family, preset = _v(family), _v(preset)
@@ -362,7 +382,11 @@ def export(
         help="Decoder layers checked against torch (default: all, or 2 when large).",
     ),
 ) -> None:
-    """Export a checkpoint to a verified bundle: ONNX graphs, embedding table, tokenizer, manifest."""
+    """Export a checkpoint to a verified bundle: ONNX graphs, embedding table, tokenizer, manifest.
+
+    Needs the \\[export] extra (torch, transformers, onnx, safetensors, sentencepiece).
+    """
+    require_export_extra("export")
     from m3d_edge.export.exporter import TOLERANCE, export_bundle
 
     report = _export_with_progress(
@@ -393,6 +417,8 @@ def export(
 def inspect(
     path: Path = typer.Argument(..., help="A bundle folder or a study.", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    series: str | None = SeriesOpt,
+    allow_resample: bool = ResampleOpt,
 ) -> None:
     """Describe a bundle (graphs, precisions, sizes, token ids, dims, calibration) or a study (series found)."""
     from m3d_edge.bundle import MANIFEST
@@ -402,7 +428,7 @@ def inspect(
     if path.is_dir() and (path / MANIFEST).is_file():
         _inspect_bundle(path, as_json)
     else:
-        _inspect_study(path, as_json)
+        _inspect_study(path, as_json, series, allow_resample)
 
 
 def _inspect_bundle(path: Path, as_json: bool) -> None:
@@ -512,56 +538,10 @@ def _inspect_bundle(path: Path, as_json: bool) -> None:
         console.print("[dim]no calibration reports[/dim]")
 
 
-def _inspect_study(path: Path, as_json: bool) -> None:
-    from m3d_edge.runtime.imaging import load_study, scan_folder
+def _inspect_study(path: Path, as_json: bool, series: str | None, allow_resample: bool) -> None:
+    from m3d_edge.cli.inspect_study import inspect_study
 
-    if path.is_dir():
-        infos = scan_folder(path)
-        if not infos:
-            raise StudyError(f"{path}: no DICOM files found")
-        if as_json:
-            sys.stdout.write(json.dumps([i.to_dict() for i in infos], indent=2, default=str) + "\n")
-        else:
-            table = Table(title=f"DICOM series under {path}")
-            for col in ("", "series", "modality", "class", "slices", "orientation", "description", "why"):
-                table.add_column(col, overflow="fold")
-            for s in infos:
-                why = s.reason + (f" [problem: {s.problem}]" if s.problem else "")
-                table.add_row(
-                    "[green]→[/green]" if s.chosen else "",
-                    str(s.series_number if s.series_number is not None else "-"),
-                    s.modality,
-                    s.sop_class,
-                    str(s.n_slices),
-                    s.orientation or "-",
-                    s.description,
-                    Text(why),
-                )
-            console.print(table)
-            chosen = [s for s in infos if s.chosen]
-            if chosen:
-                console.print(f"would use: {chosen[0].name}", soft_wrap=True)
-        if not any(s.chosen for s in infos):
-            raise StudyError(f"{path}: no usable CT series (see the table)")
-        return
-    study = load_study(path)
-    info = {
-        "kind": study.kind,
-        "shape_zyx": list(study.hu.shape),
-        "spacing_zyx_mm": list(study.geometry.spacing),
-        "value_range": [float(study.hu.min()), float(study.hu.max())],
-        "preprocessed": study.preprocessed,
-        "study_instance_uid": study.study_instance_uid,
-        "series_instance_uid": study.series_instance_uid,
-        "notes": study.notes,
-    }
-    if as_json:
-        sys.stdout.write(json.dumps(info, indent=2) + "\n")
-        return
-    table = Table(title=str(path), show_header=False)
-    for k, v in info.items():
-        table.add_row(k, str(v))
-    console.print(table)
+    inspect_study(path, as_json, series, allow_resample)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -608,6 +588,8 @@ def run(
     force_seg: bool = ForceSegOpt,
     private: bool = PrivateOpt,
     prompt_format: PromptFormat = PromptFormatOpt,
+    series: str | None = SeriesOpt,
+    allow_resample: bool = ResampleOpt,
 ) -> None:
     """Ask one question about one study; print the answer, box and mask, optionally write files."""
     from m3d_edge.cli.jobs import write_run_outputs
@@ -620,6 +602,9 @@ def run(
     if out is not None and out.exists() and not out.is_dir():
         raise PromptError(f"--out {out}: is a file, not a folder")
     params = sampling_params(sample, temperature, top_p, top_k, seed)
+    check_numbers(threads, max_new_tokens)
+    check_out_dir(out)
+    check_study_arg(study)
     pipe = open_pipeline(bundle, precision, threads, provider)
     params.logit_bias.update(_seg_bias(pipe, force_seg))
     on_text = stream_writer(to_stderr=as_json) if stream else None
@@ -629,11 +614,14 @@ def run(
         sampling=params,
         on_text=on_text,
         prompt_format=_v(prompt_format),
+        series=series,
+        allow_resample=allow_resample,
         **request,
     )
     result.target = request["target"]
     if stream:
         (sys.stderr if as_json else sys.stdout).write("\n")
+    warn_study(result.study)
     if out is not None:
         write_run_outputs(result, out, pipe, private, formats=fmt)
     html = preview([result], out) if want_preview and out is not None else None
@@ -690,13 +678,19 @@ def chat(
     provider: Provider = ProviderOpt,
     force_seg: bool = ForceSegOpt,
     prompt_format: PromptFormat = PromptFormatOpt,
+    series: str | None = SeriesOpt,
+    allow_resample: bool = ResampleOpt,
 ) -> None:
     """Ask questions about one study interactively (reads stdin; image features are computed once)."""
     from m3d_edge.runtime.outputs import write_outputs
 
+    check_numbers(threads, max_new_tokens)
+    check_out_dir(out)
+    check_study_arg(study)
     pipe = open_pipeline(bundle, precision, threads, provider)
     with console.status("loading the study and running the vision encoder ..."):
-        state = pipe.prepare(study)
+        state = pipe.prepare(study, series=series, allow_resample=allow_resample)
+    warn_study(state.study)
     console.print(f"study ready ({fmt_s(state.timings.get('vision'))} vision). {CHAT_HELP}", soft_wrap=True)
     params = sampling_params(False, 1.0, 1.0, 0, None, _seg_bias(pipe, force_seg))
     turn = 0
@@ -725,14 +719,23 @@ def chat(
                 raise PromptError(f"unknown command {line.split()[0]!r}; {CHAT_HELP}")
             else:
                 request = task_request(None, None, line, None, None)
-            result = pipe.ask(
-                study,
-                max_new_tokens=max_new_tokens,
-                sampling=params,
-                on_text=stream_writer(),
-                prompt_format=_v(prompt_format),
-                **request,
-            )
+            try:
+                result = pipe.ask(
+                    study,
+                    max_new_tokens=max_new_tokens,
+                    sampling=params,
+                    on_text=stream_writer(),
+                    prompt_format=_v(prompt_format),
+                    series=series,
+                    allow_resample=allow_resample,
+                    **request,
+                )
+            except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+                if pipe.state is not None:
+                    pipe.state.cache = None  # a half-written KV cache is not reused
+                sys.stdout.write("\n")
+                note("answer stopped (Ctrl-C); ask again, or /quit")
+                continue
             result.target = request["target"]
             sys.stdout.write("\n")
             turn += 1
@@ -793,6 +796,8 @@ def batch(
     workers: int = _ray.WorkersOpt,
     worker_cpus: float = _ray.WorkerCpusOpt,
     worker_gpus: float = _ray.WorkerGpusOpt,
+    series: str | None = SeriesOpt,
+    allow_resample: bool = ResampleOpt,
 ) -> None:
     """Run one task over many studies: resumable (done studies are skipped), errors go to errors.jsonl.
 
@@ -808,12 +813,21 @@ def batch(
     fmt = parse_formats(formats)
     if not root.is_dir():
         raise StudyError(f"{root}: not a folder")
+    check_numbers(threads, max_new_tokens)
+    check_out_dir(out)
     from m3d_edge.jobs.discovery import check_out
 
     check_out(out, root)
     pipe = open_pipeline(bundle, precision, threads, provider)
     params = sampling_params(False, 1.0, 1.0, 0, None, _seg_bias(pipe, force_seg))
-    request = dict(request, max_new_tokens=max_new_tokens, sampling=params, prompt_format=_v(prompt_format))
+    request = dict(
+        request,
+        max_new_tokens=max_new_tokens,
+        sampling=params,
+        prompt_format=_v(prompt_format),
+        series=series,
+        allow_resample=allow_resample,
+    )
     if ray_address is not None:  # Ray Data: same outputs, resume and error log; see m3d_edge.serve.ray_batch
         ray_opts = (ray_address, workers, worker_cpus, worker_gpus, _v(precision), threads, _v(provider))
         summary = _ray.run_ray_batch_cli(pipe, root, out, request, fmt, want_preview, private, *ray_opts)
@@ -854,7 +868,10 @@ def bench(
         None, "--reference", help="Checkpoint: also time the torch reference (needs torch) and print ratios."
     ),
 ) -> None:
-    """Latency percentiles per graph, TTFT, decode tokens/s and peak RSS (benchmark protocol, DESIGN §9)."""
+    """Latency percentiles per graph, TTFT, decode tokens/s and peak RSS.
+
+    The benchmark models and protocol: docs/architecture.md, section 8 "Benchmark models and protocol".
+    """
     from m3d_edge.cli.bench import bench_pipeline, bench_reference, load_image
 
     pipe = open_pipeline(bundle, precision, threads, provider)
@@ -913,7 +930,7 @@ def bench(
         )
         console.print(cmp)
         console.print(
-            "[dim]ratios > 1 mean the bundle is faster (one process; see DESIGN §9 for the protocol)[/dim]"
+            "[dim]ratios > 1 mean the bundle is faster (one process; protocol: docs/architecture.md §8)[/dim]"
         )
 
 
@@ -942,7 +959,10 @@ def calibrate(
     samples: int = typer.Option(32, "--samples", min=1, help="Number of calibration studies to use."),
     force: bool = typer.Option(False, "--force", help="Write variants even if they fail the accuracy gate."),
 ) -> None:
-    """Quantize the bundle's graphs to INT8/INT4 variants with calibration reports (DESIGN §6)."""
+    """Quantize the bundle's graphs to INT8/INT4 variants with calibration reports and an accuracy gate.
+
+    How variants, reports and gates work: docs/architecture.md, section 6 "Backends and precision".
+    """
     from m3d_edge.calibration import calibrate_bundle
 
     if not data.is_dir():

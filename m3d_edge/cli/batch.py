@@ -81,6 +81,7 @@ def summary_table(summary: dict[str, Any], out: Path) -> Table:
     table.add_row("[green]written[/green]", str(summary["ok"]))
     table.add_row("already done (skipped)", str(summary["skipped"]))
     table.add_row("[red]failed[/red]" if summary["failed"] else "failed", str(summary["failed"]))
+    table.add_row("files that are not studies (ignored)", str(len(summary.get("not_studies", []))))
     table.add_row("time", fmt_s(summary["seconds"]))
     table.add_row("per study", fmt_s(summary["mean_seconds_per_study"]))
     return table

@@ -138,6 +138,72 @@ def task_request(
     }
 
 
+EXPORT_INSTALL = (
+    "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && "
+    'pip install "m3d-edge[export]" (from a checkout: pip install -e ".[export]", or make demo)'
+)
+
+
+def require_export_extra(command: str) -> None:
+    """One line naming the extra when torch & co. are missing (the runtime alone does not need them)."""
+    from m3d_edge.errors import ExportError
+
+    missing = []
+    for module in ("torch", "transformers", "onnx", "safetensors"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ExportError(
+            f"`m3d-edge {command}` needs the [export] extra ({', '.join(missing)} not installed): {EXPORT_INSTALL}"
+        )
+
+
+def check_out_dir(out: Path | None, option: str = "--out") -> None:
+    """Refuse, before any model is loaded, an output folder that cannot be one (a file, a file above it)."""
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PromptError(f"{option} {out}: exists and is not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PromptError(f"{option} {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PromptError(f"{option} {out}: {parent} is not writable")
+
+
+def check_study_arg(study: Path) -> None:
+    """Refuse, before any model is loaded, a study path that does not exist or is no kind we read."""
+    from m3d_edge.errors import StudyError
+
+    study = Path(study)
+    if not study.exists():
+        raise StudyError(f"{study}: no such file or folder")
+    if study.is_dir():
+        return
+    low = study.name.lower()
+    if low.endswith((".nii", ".nii.gz", ".npy", ".nrrd", ".nhdr", ".mha", ".mhd")):
+        return
+    from m3d_edge.runtime.imaging.dicom import is_dicom_file
+
+    if not is_dicom_file(study):
+        raise StudyError(
+            f"{study}: not a DICOM folder or file, NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), "
+            "MetaImage (.mha, .mhd) or M3D .npy volume"
+        )
+
+
+def check_numbers(threads: int, max_new_tokens: int | None) -> None:
+    if threads < 0:
+        raise PromptError(f"--threads {threads}: must be 0 (onnxruntime's default) or more")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise PromptError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+
+
 def backend_options(provider: str, threads: int):
     from m3d_edge.runtime.backend import BackendOptions
 
@@ -149,7 +215,10 @@ def open_pipeline(bundle: Path, precision: str | None, threads: int, provider: s
 
     precision = getattr(precision, "value", precision)
     provider = getattr(provider, "value", provider)
-    return Pipeline.open(bundle, backend_options(provider, threads), precision=precision)
+    pipe = Pipeline.open(bundle, backend_options(provider, threads), precision=precision)
+    for graph, used in getattr(pipe, "precision_fallbacks", {}).items():
+        note(f"warning: --precision {precision}: {graph} runs {used}")
+    return pipe
 
 
 def sampling_params(
@@ -219,6 +288,12 @@ def timings_line(t: dict[str, Any]) -> str:
         parts.append(f"seg decoder {fmt_s(t.get('seg_decoder'))}")
     parts.append(f"total {fmt_s(t.get('total'))}")
     return " · ".join(parts)
+
+
+def warn_study(study) -> None:
+    """The study's warnings (skipped files, dropped localizers, resampling) on stderr."""
+    for n in getattr(study, "notes", None) or []:
+        note(f"warning: {n}")
 
 
 def show_result(result, title: str | None = None) -> None:

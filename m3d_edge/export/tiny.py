@@ -193,13 +193,15 @@ def write_tiny_checkpoint(
     teach_steps: int = 150,
     progress: Callable[[int, float], None] | None = None,
     layer_progress: Callable[[int, int], None] | None = None,
+    seg_band: bool = False,
 ) -> Path:
     """Write a random-weight M3D-LaMed checkpoint folder; the same seed gives the same files.
 
     ``trained``: start the decoder from a small initialisation (std 0.02) and teach it fixed answers to the
     task prompts (:mod:`m3d_edge.export.teach`), so its greedy output is confident like a real model's;
     about a minute for the tiny preset. ``progress(step, loss)`` reports that training.
-    The ``full`` preset streams its weights shard by shard; ``layer_progress(done, total)`` counts layers.
+    The ``full`` preset streams its weights shard by shard; ``layer_progress(done, total)`` counts layers. ``seg_band``: a
+    SegVol head whose mask follows the demo phantom's liver (:mod:`m3d_edge.export.demo_seg`).
     """
     from m3d_edge.export.tokenizer import write_tokenizer_files
 
@@ -235,6 +237,11 @@ def write_tiny_checkpoint(
         teach_answers(
             ReferenceModel(model, cfg), SlowTokenizer(out), eos, steps=teach_steps, progress=progress
         )
+    if seg_band:
+        from m3d_edge.export.demo_seg import phantom_liver_band, set_band_head
+        from m3d_edge.runtime.imaging.phantom import phantom_hu
+
+        set_band_head(model.get_submodule("model.seg_module"), *phantom_liver_band(phantom_hu()))
     _save_weights(model, out, shards)
     return out
 

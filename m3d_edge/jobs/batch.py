@@ -16,7 +16,7 @@ from typing import Any
 
 from m3d_edge.errors import M3DEdgeError, StudyError
 from m3d_edge.fileio import atomic_write_text
-from m3d_edge.jobs.discovery import check_out, discover, output_folder_name
+from m3d_edge.jobs.discovery import check_out, discover, not_studies, output_folder_name
 from m3d_edge.jobs.error_log import error_message, is_full, log_error, output_failure, reset_log
 from m3d_edge.jobs.lock import OutputLock
 from m3d_edge.jobs.outputs import write_result
@@ -68,14 +68,25 @@ def run_batch(
     emit = on_event or (lambda e: None)
     check_out(out, root)
     studies = discover(root, exclude=out)
+    ignored = not_studies(root, exclude=out)
+    if ignored:
+        message = f"warning: skipped {len(ignored)} file(s) that are not studies"
+        if not private:  # file names can carry patient names
+            more = f" and {len(ignored) - 10} more" if len(ignored) > 10 else ""
+            message += f": {', '.join(ignored[:10])}{more}"
+        emit(BatchEvent("note", message=message))
     if not studies:
-        raise StudyError(f"{root}: no studies (subfolders, .nii, .nii.gz or .npy files) found")
+        raise StudyError(
+            f"{root}: no studies (subfolders, .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or .npy files) found"
+        )
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
-        return _run_locked(pipe, root, out, studies, ask_kwargs, formats, previewer, emit, reraise, private)
+        return _run_locked(
+            pipe, root, out, studies, ask_kwargs, formats, previewer, emit, reraise, private, ignored
+        )
 
 
-def _run_locked(pipe, root, out, studies, ask_kwargs, formats, previewer, emit, reraise, private):
+def _run_locked(pipe, root, out, studies, ask_kwargs, formats, previewer, emit, reraise, private, ignored=()):
     cleaned = remove_stale_partials(out)
     if cleaned:
         emit(BatchEvent("note", message=f"removed {cleaned} partial file(s) left by an interrupted run"))
@@ -161,6 +172,7 @@ def _run_locked(pipe, root, out, studies, ask_kwargs, formats, previewer, emit, 
         "skipped": skipped,
         "recomputed": recomputed,
         "failed": failed,
+        "not_studies": len(ignored) if privacy else list(ignored),
         "seconds": time.perf_counter() - t_start,
         "mean_seconds_per_study": sum(seconds) / len(seconds) if seconds else None,
         "entries": entries,

@@ -1,4 +1,4 @@
-"""Which studies a batch root holds (one per subfolder, or per .nii/.nii.gz/.npy file), and their folders."""
+"""Which studies a batch root holds (one per subfolder, or per volume file), and their folders."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from pathlib import Path
 
 from m3d_edge.errors import PromptError, StudyError
 
-STUDY_SUFFIXES = (".nii.gz", ".nii", ".npy")
+STUDY_SUFFIXES = (".nii.gz", ".nii", ".npy", ".nrrd", ".nhdr", ".mha", ".mhd")
+DATA_SUFFIXES = (".raw", ".zraw")  # the data halves of .mhd/.nhdr pairs: not studies, not reported
 # files the batch itself writes into --out: a study of that name gets an escaped folder name
 RESERVED = frozenset({"errors.jsonl", "batch.json", "index.html"})
 ESCAPE = "~"
@@ -19,8 +20,22 @@ def output_folder_name(name: str) -> str:
     return name
 
 
+def not_studies(root: Path, exclude: Path | None = None) -> list[str]:
+    """Names of the files directly under ``root`` that :func:`discover` does not take as studies."""
+    skip = exclude.resolve() if exclude is not None else None
+    return sorted(
+        c.name
+        for c in root.iterdir()
+        if c.is_file()
+        and not c.name.startswith(".")
+        and not c.name.lower().endswith(STUDY_SUFFIXES + DATA_SUFFIXES)
+        and c.name.lower() not in RESERVED
+        and (skip is None or c.resolve() != skip)
+    )
+
+
 def discover(root: Path, exclude: Path | None = None) -> list[tuple[str, Path]]:
-    """(name, path) of every study under ``root``: subfolders, and .nii/.nii.gz/.npy files; sorted.
+    """(name, path) of every study under ``root``: subfolders, and NIfTI/NRRD/MetaImage/.npy files; sorted.
 
     ``exclude`` (the output folder) is never a study, even when it sits inside ``root``.
     """

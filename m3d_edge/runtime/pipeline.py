@@ -115,6 +115,8 @@ class Pipeline:
                 f"{bundle / manifest.embed['file']}: shape {self.embed_table.shape} does not match the manifest"
             )
         self.tokenizer = load_tokenizer(bundle / manifest.tokenizer["file"])
+        self.precision_requested = precision if isinstance(precision, str) else None
+        self.precision_fallbacks: dict[str, str] = {}  # graph -> what runs instead of the asked precision
         if options.provider == "trt":
             self._open_engines(precision)
         else:
@@ -127,13 +129,27 @@ class Pipeline:
         """ONNX Runtime sessions, each graph at the precision asked for or the manifest's default."""
         self.sessions: dict[str, Any] = {}
         self.precisions: dict[str, str] = {}
-        for name, spec in self.manifest.specs().items():
+        specs = self.manifest.specs()
+        if isinstance(precision, str):  # a precision no graph has is refused, never run as another one
+            have = {
+                p
+                for n in specs
+                for p in (self.manifest.graphs[n].precision, *self.manifest.graphs[n].variants)
+            }
+            if precision not in have:
+                raise BundleError(
+                    f"{self.bundle}: no graph has a {precision} variant (this bundle has "
+                    f"{', '.join(sorted(have))}); `m3d-edge calibrate BUNDLE --data DIR` writes INT8/INT4 variants"
+                )
+        for name, spec in specs.items():
             entry = self.manifest.graphs[name]
             if isinstance(precision, dict):
                 want = precision.get(name)  # must exist: resolve() refuses a missing variant
-            else:  # one name for all: graphs without that variant keep their default
+            else:  # one name for all: graphs without that variant keep their default, recorded
                 want = precision if precision in (entry.precision, *entry.variants) else None
             file, self.precisions[name] = entry.resolve(want)
+            if isinstance(precision, str) and want is None:
+                self.precision_fallbacks[name] = f"{self.precisions[name]} (no {precision} variant)"
             self.sessions[name] = GraphSession(self.bundle / file, spec, self.options)
         self.decoder: DecoderBackend = Decoder(self.sessions["decoder"], self.dims, self.embed_table)
 
@@ -186,9 +202,16 @@ class Pipeline:
         """Drop a study's cached state (call before its files are removed); True if it was cached."""
         return self.studies.discard(_study_key(study))
 
-    def prepare(self, study: Any, window: str = "m3d") -> StudyState:
-        """Load and preprocess a study (path or array) and run the vision graph, once per study."""
+    def prepare(
+        self, study: Any, window: str = "m3d", series: str | None = None, allow_resample: bool = False
+    ) -> StudyState:
+        """Load and preprocess a study (path or array) and run the vision graph, once per study.
+
+        ``series`` and ``allow_resample`` are passed to :func:`~m3d_edge.runtime.imaging.load_study`.
+        """
         key = _study_key(study)
+        if series is not None or allow_resample:
+            key += f"|series={series}|resample={allow_resample}"
         state = self.studies.get(key)
         if state is not None:
             return state
@@ -196,7 +219,7 @@ class Pipeline:
         if isinstance(study, str | Path):
             from m3d_edge.runtime.imaging import load_study, preprocess
 
-            loaded = load_study(study)
+            loaded = load_study(study, series=series, allow_resample=allow_resample)
             volume, record = preprocess(loaded, window=window)
         else:
             volume = np.asarray(study, dtype=np.float32)
@@ -257,12 +280,14 @@ class Pipeline:
         on_text: Callable[[str], None] | None = None,
         window: str = "m3d",
         prompt_format: str = "auto",
+        series: str | None = None,
+        allow_resample: bool = False,
     ) -> Result:
         """Answer one question on a study; ``task`` picks a preset (see ``TASKS``), else ``question`` is used.
 
         ``prompt_format``: ``auto`` (task presets in M3D's training format, free questions as M3D's demo
         scripts build them, with no space), ``demo`` or ``train`` for every prompt (see
-        :mod:`m3d_edge.runtime.prompts`).
+        :mod:`m3d_edge.runtime.prompts`). ``series``/``allow_resample``: see :meth:`prepare`.
         """
         t_start = time.perf_counter()
         fmt = resolve_prompt_format(task, prompt_format)
@@ -272,7 +297,7 @@ class Pipeline:
         if not question:
             raise PromptError("no question given (pass a question or a task)")
         misses = self.studies.misses
-        state = self.prepare(study, window)
+        state = self.prepare(study, window, series=series, allow_resample=allow_resample)
         cached = self.studies.misses == misses
         ids = self.prompt_ids(question, separator == " ")
         embeds = self.embed(ids, state.image_embeds)
@@ -347,6 +372,8 @@ class Pipeline:
             "family": self.dims.family,
             "provider": {name: s.provider for name, s in self.sessions.items()},
             "precision": dict(self.precisions),
+            **({"precision_requested": self.precision_requested} if self.precision_requested else {}),
+            **({"precision_fallback": dict(self.precision_fallbacks)} if self.precision_fallbacks else {}),
         }
 
 

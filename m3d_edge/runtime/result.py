@@ -56,6 +56,8 @@ class Result:
             "shape_zyx": None,
             "spacing_zyx_mm": None,
             "resampled": bool(getattr(s, "resampled", False)),
+            "skipped_files": list(getattr(s, "skipped_files", None) or []),
+            "notes": list(getattr(s, "notes", None) or []),
         }
         geom = getattr(s, "geometry", None) or getattr(rec, "source_geometry", None)
         if geom is not None:

@@ -8,12 +8,20 @@
   naming the series; with ``allow_resample=True`` missing slices and uneven spacing are resampled onto a
   uniform grid (linear along the normal) instead.
 * Rescale slope/intercept per slice, and from the functional groups for multi-frame (Enhanced) CT.
+* Files that cannot be parsed are skipped and named (:attr:`Study.notes`, ``skipped_files``); a series
+  left incomplete by them fails its geometry check (missing slices) with a :class:`StudyError`.
+* Memory is bounded (:mod:`.limits`): values over 1 MB (bulk private data) are not read, Deflated
+  files are inflated in bounded steps to a temporary file, and Rows x Columns x frames x slices is checked
+  against the voxel limit before any pixel buffer is allocated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +33,11 @@ from pydicom.errors import InvalidDicomError
 
 from m3d_edge.errors import StudyError
 from m3d_edge.runtime.imaging.geometry import Geometry
+from m3d_edge.runtime.imaging.limits import ENV_MAX_VOXELS, HEADER_ALLOWANCE_BYTES, check_voxels, max_voxels
 from m3d_edge.runtime.imaging.study import Study
+
+DEFER_SIZE = "1 MB"  # larger values (bulk private data, big pixel data) are read only when used
+_COPY_CHUNK = 1 << 20
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -86,6 +98,7 @@ class SeriesInfo:
     chosen: bool = False
     reason: str = ""  # why it is (not) chosen
     problem: str | None = None  # geometry problem that would refuse it (None: fine)
+    irregular: str | None = None  # missing slices / uneven spacing: refused unless resampled on request
     files: list[Path] = field(default_factory=list, repr=False)
     frames: list[_Frame] = field(default_factory=list, repr=False)
     headers: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -110,6 +123,86 @@ def is_dicom_file(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 132 and head[128:132] == b"DICM"
+
+
+@contextlib.contextmanager
+def readable_copy(path: Path, limit: int | None = None) -> Iterator[Path]:
+    """``path`` itself, or for a Deflated file a temporary inflated copy (bounded steps, bounded size).
+
+    pydicom inflates a Deflated data set into memory whole (a 531 KB file with a 512 MB private tag took
+    2.2 GB); the inflated copy on disk lets it defer large values like any other file.
+    """
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    with open(path, "rb") as fh:
+        try:
+            read_preamble(fh, False)
+            meta = _read_file_meta_info(fh)
+        except Exception:  # not a Part 10 file (or a damaged one): pydicom's own reader decides
+            meta = None
+        if meta is None or meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            yield path
+            return
+        cap = HEADER_ALLOWANCE_BYTES + 4 * max_voxels(limit)
+        with tempfile.TemporaryDirectory(prefix="m3d-edge-inflate-") as tmp:
+            out_path = Path(tmp) / "inflated.dcm"
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            d, written = zlib.decompressobj(-zlib.MAX_WBITS), 0
+            with open(out_path, "wb") as out:
+                out.write(b"\0" * 128 + b"DICM")
+                write_file_meta_info(out, meta, enforce_standard=True)
+                pending = b""
+                while True:
+                    if not pending:
+                        pending = fh.read(_COPY_CHUNK)
+                        if not pending:
+                            break
+                    try:
+                        piece = d.decompress(pending, _COPY_CHUNK)
+                    except zlib.error as exc:
+                        raise StudyError(f"{path}: corrupt Deflated data ({exc})") from None
+                    written += len(piece)
+                    if written > cap:
+                        raise StudyError(
+                            f"{path}: Deflated data set inflates to more than {cap / 2**20:.0f} MB; refused "
+                            f"(set {ENV_MAX_VOXELS} to raise the limit)"
+                        )
+                    out.write(piece)
+                    pending = d.unconsumed_tail
+                    if d.eof:
+                        break
+            yield out_path
+
+
+def read_header(path: Path, limit: int | None = None) -> Any:
+    """The data set of ``path`` without pixel data and without values over 1 MB (read lazily if used).
+
+    Raises ``ValueError`` when uncompressed pixel data is shorter than Rows x Columns x frames declare
+    (a truncated copy among good slices).
+    """
+    with readable_copy(path, limit) as p, open(p, "rb") as fh:
+        ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=DEFER_SIZE)
+        if "Rows" in ds and "Columns" in ds:  # a refusal (exit 3), not a skipped file
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            check_voxels((frames, int(ds.Rows or 0), int(ds.Columns or 0)), str(path), limit)
+        _check_pixel_length(ds, fh.tell(), os.fstat(fh.fileno()).st_size)
+    return ds
+
+
+def _check_pixel_length(ds: Any, pixel_at: int, size: int) -> None:
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is None or ts.is_compressed or "Rows" not in ds or pixel_at >= size:
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    need = int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1) or 1) * bits // 8
+    have = size - pixel_at - (8 if ts.is_implicit_VR else 12)
+    if have < need:
+        raise ValueError(f"pixel data truncated: {have:,} of {need:,} bytes")
 
 
 def _iter_files(root: Path) -> Iterator[Path]:
@@ -221,19 +314,46 @@ def _orientation(iop: np.ndarray | None) -> str | None:
     return ("sagittal", "coronal", "axial")[ax]
 
 
-def _scan(root: Path) -> list[SeriesInfo]:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
+
+
+def _rel(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if root.is_dir() and path.is_relative_to(root) else path.name
+
+
+def _scan(
+    root: Path, skipped: list[tuple[str, str]] | None = None, limit: int | None = None
+) -> list[SeriesInfo]:
+    """Group the DICOM files under ``root`` by series; files that cannot be parsed go to ``skipped``.
+
+    ``skipped`` receives ``(file relative to root, reason)`` for every file that looks like DICOM (a
+    ``DICM`` preamble or a ``.dcm`` name) but cannot be read; other non-DICOM files are ignored.
+    """
     groups: dict[tuple[str, str], SeriesInfo] = {}
     for f in _iter_files(root):
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError):
-            continue  # not DICOM (or unreadable): skipped
+            ds = read_header(f, limit)
+        except StudyError:
+            raise  # over a size limit: refused, naming the file
+        except InvalidDicomError as exc:
+            if is_dicom_file(f) or f.suffix.lower() == ".dcm":
+                if skipped is not None:
+                    skipped.append((_rel(f, root), _first_line(exc)))
+            continue  # not DICOM: ignored
+        except Exception as exc:  # pydicom raises many types for damaged files
+            if skipped is not None:
+                skipped.append((_rel(f, root), _first_line(exc)))
+            continue
         meta_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
         sop_class = str(ds.get("SOPClassUID", "") or meta_class)
         if sop_class == MEDIA_STORAGE_DIRECTORY or meta_class == MEDIA_STORAGE_DIRECTORY:
             continue
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
         if not series_uid or not sop_class:
+            if skipped is not None and (is_dicom_file(f) or f.suffix.lower() == ".dcm"):
+                skipped.append((_rel(f, root), "damaged header: no SOPClassUID or SeriesInstanceUID"))
             continue
         key = (str(ds.get("StudyInstanceUID", "") or ""), series_uid)
         info = groups.get(key)
@@ -265,7 +385,9 @@ def _scan(root: Path) -> list[SeriesInfo]:
             continue
         try:
             frames, dropped = _frames_of(ds, f)
-        except (TypeError, ValueError, AttributeError, KeyError):
+        except Exception as exc:  # damaged or odd values in the header
+            if skipped is not None:
+                skipped.append((_rel(f, root), _first_line(exc)))
             continue
         info.frames.extend(frames)
         info.n_localizers += dropped
@@ -285,7 +407,7 @@ def _scan(root: Path) -> list[SeriesInfo]:
         else:
             s.eligible = True
             try:
-                _check_geometry(s.frames, s.name)
+                s.irregular = _check_geometry(s.frames, s.name).irregular
             except StudyError as exc:
                 s.problem = str(exc)
     return infos
@@ -309,7 +431,7 @@ def _select(infos: list[SeriesInfo], series: str | None, where: str) -> SeriesIn
             if s is not chosen:
                 s.reason = (
                     f"not chosen: {s.orientation or 'unknown'} series with {s.n_slices} slices; "
-                    "select it with series="
+                    "select it with --series (series= in the API)"
                 )
     else:
         key = str(series).strip()
@@ -338,12 +460,17 @@ def _select(infos: list[SeriesInfo], series: str | None, where: str) -> SeriesIn
     return chosen
 
 
-def scan_folder(path: Path | str, series: str | None = None) -> list[SeriesInfo]:
-    """List every series under ``path`` (recursively) with why each would or would not be chosen."""
+def scan_folder(
+    path: Path | str, series: str | None = None, skipped: list[tuple[str, str]] | None = None
+) -> list[SeriesInfo]:
+    """List every series under ``path`` (recursively) with why each would or would not be chosen.
+
+    Unreadable files are appended to ``skipped`` as ``(file, reason)``.
+    """
     root = Path(path)
     if not root.exists():
         raise StudyError(f"{root}: no such file or folder")
-    infos = _scan(root)
+    infos = _scan(root, skipped)
     eligible = [s for s in infos if s.eligible]
     if eligible:
         try:
@@ -457,12 +584,16 @@ def _decode_hint(ts: str) -> str | None:
     return "missing decoder plugin: install " + " and ".join(missing)
 
 
-def _read_pixels(path: Path, root: Path) -> tuple[Any, np.ndarray]:
-    rel = path.relative_to(root) if root.is_dir() and path.is_relative_to(root) else path
+def _read_pixels(path: Path, root: Path, limit: int | None = None) -> tuple[Any, np.ndarray]:
+    with readable_copy(path, limit) as p:
+        return _read_pixels_of(p, _rel(path, root))
+
+
+def _read_pixels_of(path: Path, rel: str) -> tuple[Any, np.ndarray]:
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, defer_size=DEFER_SIZE)
     except Exception as exc:
-        raise StudyError(f"{rel}: cannot read DICOM file ({type(exc).__name__})") from exc
+        raise StudyError(f"{rel}: cannot read DICOM file ({_first_line(exc)})") from exc
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     ts_name = getattr(ts, "name", str(ts))
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
@@ -478,28 +609,49 @@ def _read_pixels(path: Path, root: Path) -> tuple[Any, np.ndarray]:
     return ds, np.asarray(arr)
 
 
-def load_dicom(path: Path | str, series: str | None = None, allow_resample: bool = False) -> Study:
-    """Load one CT series from a DICOM folder (or a single DICOM file) as a :class:`Study`."""
+def load_dicom(
+    path: Path | str, series: str | None = None, allow_resample: bool = False, max_voxels: int | None = None
+) -> Study:
+    """Load one CT series from a DICOM folder (or a single DICOM file) as a :class:`Study`.
+
+    ``max_voxels`` overrides the voxel limit of :mod:`.limits`.
+    """
     root = Path(path)
     if not root.exists():
         raise StudyError(f"{root}: no such file or folder")
-    infos = _scan(root)
-    info = _select(infos, series, str(root))
-    layout = _check_geometry(info.frames, info.name)
+    skipped: list[tuple[str, str]] = []
+    infos = _scan(root, skipped, max_voxels)
     notes: list[str] = []
+    if skipped:
+        names = ", ".join(f"{name} ({why})" for name, why in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        notes.append(f"skipped {len(skipped)} unreadable file(s): {names}{more}")
+    try:
+        info = _select(infos, series, str(root))
+        layout = _check_geometry(info.frames, info.name)
+        if layout.irregular and not allow_resample:
+            raise StudyError(
+                f"{info.name}: {layout.irregular}; refused (--allow-resample, allow_resample=True in the API, resamples it)"
+            )
+    except StudyError as exc:
+        if skipped:
+            raise StudyError(f"{exc} ({notes[0]})") from None
+        raise
+    check_voxels((len(layout.frames), info.frames[0].rows, info.frames[0].cols), info.name, max_voxels)
     if layout.irregular:
-        if not allow_resample:
-            raise StudyError(f"{info.name}: {layout.irregular}; refused (allow_resample resamples it)")
         notes.append(f"resampled: {layout.irregular}")
 
     frames = layout.frames
     rows, cols = frames[0].rows, frames[0].cols
+    if layout.irregular:
+        n_new = int(round((layout.positions[-1] - layout.positions[0]) / layout.spacing)) + 1
+        check_voxels((n_new, rows, cols), f"{info.name} (resampled)", max_voxels)
     vol = np.empty((len(frames), rows, cols), dtype=np.float32)
     cache: dict[Path, np.ndarray] = {}
     for z, fr in enumerate(frames):
         arr = cache.get(fr.file)
         if arr is None:
-            ds, arr = _read_pixels(fr.file, root)
+            ds, arr = _read_pixels(fr.file, root, max_voxels)
             if fr.frame is not None:
                 n = int(ds.get("NumberOfFrames", 1) or 1)
                 arr = arr.reshape((n, rows, cols))
@@ -548,4 +700,5 @@ def load_dicom(path: Path | str, series: str | None = None, allow_resample: bool
         source_datasets=datasets,
         resampled=resampled,
         notes=notes + ([f"{info.n_localizers} LOCALIZER image(s) dropped"] if info.n_localizers else []),
+        skipped_files=[name for name, _ in skipped],
     )

@@ -22,6 +22,10 @@ from m3d_edge.runtime.imaging.orientation import canonical_axes, to_model_order
 if TYPE_CHECKING:  # pragma: no cover
     from m3d_edge.runtime.imaging.study import Study
 
+#: Fewer voxels than this along any axis is not a volume (a single 2D slice would be stretched 32x along z).
+#: M3D's model grid is 32 slices deep with 4-slice patches; 8 slices is a 4x stretch at most.
+MIN_SLICES = 8
+
 #: name -> (low, high) HU clip bounds. "m3d" clips to the 12-bit CT range so padding values (-2000, -3024)
 #: do not change the scaling; the others are (level - width/2, level + width/2).
 WINDOWS: dict[str, tuple[float, float]] = {
@@ -172,11 +176,12 @@ def preprocess(study: Study | np.ndarray, window: str = "m3d", geometry: Geometr
     A study loaded from an M3D ``.npy`` (``preprocessed=True``) is passed through with an identity record.
     """
     if isinstance(study, np.ndarray):
-        hu = study
+        hu, where = study, "volume"
         geometry = geometry or Geometry.identity(hu.shape)
         preprocessed = False
     else:
         hu, geometry, preprocessed = study.hu, study.geometry, study.preprocessed
+        where = str(study.source_path)
     if hu.ndim != 3 or min(hu.shape) < 1:
         raise StudyError(f"volume of shape {hu.shape}: expected a non-empty (z, y, x) volume")
     if not np.isfinite(hu).all():
@@ -196,6 +201,11 @@ def preprocess(study: Study | np.ndarray, window: str = "m3d", geometry: Geometr
         )
         return np.ascontiguousarray(hu, dtype=np.float32)[None], rec
 
+    if min(hu.shape) < MIN_SLICES:
+        raise StudyError(
+            f"{where}: shape {tuple(hu.shape)} is too thin to be a volume (at least {MIN_SLICES} voxels along "
+            f"every axis; the model reads {TARGET_SHAPE[0]}x{TARGET_SHAPE[1]}x{TARGET_SHAPE[2]})"
+        )
     can = canonical_axes(geometry.affine, hu.shape)
     norm, clip, vrange = normalize(to_model_order(hu, can.perm, can.flip), window)
     start, stop = crop_foreground_box(norm)

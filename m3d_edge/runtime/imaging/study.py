@@ -27,7 +27,7 @@ class Study:
 
     hu: np.ndarray
     geometry: Geometry
-    kind: str  # "dicom" | "nifti" | "npy"
+    kind: str  # "dicom" | "nifti" | "nrrd" | "metaimage" | "npy"
     source_path: Path
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
@@ -38,15 +38,19 @@ class Study:
     source_datasets: list[Any] = field(default_factory=list, repr=False)
     preprocessed: bool = False
     resampled: bool = False
-    notes: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # warnings: skipped files, dropped localizers, ...
+    skipped_files: list[str] = field(default_factory=list)  # unreadable files (relative to the folder)
 
 
-def load_study(path: Path | str, series: str | None = None, allow_resample: bool = False) -> Study:
-    """Load a DICOM folder (or single DICOM file), a NIfTI file, or an M3D ``.npy`` volume.
+def load_study(
+    path: Path | str, series: str | None = None, allow_resample: bool = False, max_voxels: int | None = None
+) -> Study:
+    """Load a DICOM folder (or single DICOM file), a NIfTI, NRRD or MetaImage file, or an M3D ``.npy``.
 
     ``series`` selects a DICOM series by SeriesInstanceUID, SeriesNumber or a description substring
     (default: the axial CT series with the most slices). ``allow_resample`` lets a DICOM series with
     missing slices or uneven spacing be resampled onto a uniform grid instead of being refused.
+    ``max_voxels`` overrides the per-study voxel limit (:mod:`.limits`, ``M3D_EDGE_MAX_VOXELS``).
     """
     path = Path(path)
     if not path.exists():
@@ -55,27 +59,64 @@ def load_study(path: Path | str, series: str | None = None, allow_resample: bool
     if path.is_dir():
         from m3d_edge.runtime.imaging.dicom import load_dicom
 
-        return load_dicom(path, series=series, allow_resample=allow_resample)
+        return load_dicom(path, series=series, allow_resample=allow_resample, max_voxels=max_voxels)
     if name.endswith(".nii") or name.endswith(".nii.gz"):
-        return load_nifti(path)
+        return load_nifti(path, max_voxels=max_voxels)
     if name.endswith(".npy"):
         return load_npy(path)
+    if name.endswith((".nrrd", ".nhdr")):
+        from m3d_edge.runtime.imaging.nrrd import load_nrrd
+
+        return load_nrrd(path, max_voxels=max_voxels)
+    if name.endswith((".mha", ".mhd")):
+        from m3d_edge.runtime.imaging.metaimage import load_metaimage
+
+        return load_metaimage(path, max_voxels=max_voxels)
     from m3d_edge.runtime.imaging.dicom import is_dicom_file, load_dicom
 
     if is_dicom_file(path):
-        return load_dicom(path, series=series, allow_resample=allow_resample)
-    raise StudyError(f"{path}: not a DICOM folder or file, NIfTI (.nii, .nii.gz) or M3D .npy volume")
+        return load_dicom(path, series=series, allow_resample=allow_resample, max_voxels=max_voxels)
+    raise StudyError(
+        f"{path}: not a DICOM folder or file, NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), "
+        "MetaImage (.mha, .mhd) or M3D .npy volume"
+    )
 
 
-def load_nifti(path: Path | str) -> Study:
-    """NIfTI (RAS) -> Study in LPS; the array keeps its stored axis order, read as (x, y, z)."""
+def _check_nifti_size(path: Path, img: Any, max_voxels: int | None) -> None:
+    """Refuse, before reading any data, a NIfTI whose declared size is over the limit or not in the file."""
+    from m3d_edge.runtime.imaging.limits import check_voxels, gzip_payload_size
+
+    shape = tuple(int(s) for s in img.shape)
+    check_voxels(shape, str(path), max_voxels)
+    hdr = img.header
+    itemsize = np.dtype(hdr.get_data_dtype()).itemsize
+    need = int(hdr.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * itemsize
+    gz = path.name.lower().endswith(".gz")
+    have = gzip_payload_size(path, need) if gz else path.stat().st_size
+    if have < need:
+        raise StudyError(
+            f"{path}: truncated NIfTI: the header declares {need:,} bytes of data"
+            f"{' (inflated)' if gz else ''}, the file holds {have:,}"
+        )
+
+
+def load_nifti(path: Path | str, max_voxels: int | None = None) -> Study:
+    """NIfTI (RAS) -> Study in LPS; the array keeps its stored axis order, read as (x, y, z).
+
+    The declared size is checked against the voxel limit and against the data really in the file
+    (counted through the gzip stream in bounded steps) before anything is allocated.
+    """
     import nibabel as nib
 
     path = Path(path)
     try:
         img = nib.load(str(path))
-        data = np.asarray(img.get_fdata(dtype=np.float32))
     except Exception as exc:  # nibabel raises many types for damaged files
+        raise StudyError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
+    _check_nifti_size(path, img, max_voxels)
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except Exception as exc:
         raise StudyError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
