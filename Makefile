@@ -7,6 +7,7 @@ PIP_FLAGS ?=
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_OUT ?= m3d-edge-demo
+TEST_EXTRAS ?= export,dev,serve,dicom-net,retrieval,ray
 
 .PHONY: torch demo test
 
@@ -17,6 +18,6 @@ demo: torch  ## install the package with the [export] extra, then run the demo
 	$(PIP) install $(PIP_FLAGS) -e ".[export]"
 	$(PYTHON) -m m3d_edge.cli.app demo --out $(DEMO_OUT)
 
-test: torch  ## install what the tests need ([export,dev]), then run README's test command
-	$(PIP) install $(PIP_FLAGS) -e ".[export,dev]"
+test: torch  ## install what the tests need (every extra but gpu), then run README's test command
+	$(PIP) install $(PIP_FLAGS) -e ".[$(TEST_EXTRAS)]"
 	$(PYTHON) -m pytest -q
