@@ -261,6 +261,21 @@ def test_pipeline_keeps_studies_within_its_budget(pipe, studies, tmp_path):
         pipe.studies = saved
 
 
+def test_api_keys_parse_with_scopes_and_match_in_constant_time():
+    from m3d_edge.errors import PromptError
+    from m3d_edge.serve.auth import load_api_keys, match_key
+
+    keys = load_api_keys(f"# comment\n{KEY}\n\n{METRICS_KEY}\tmetrics, ask  # scraper\n")
+    assert [sorted(k.scopes) for k in keys] == [["ask", "metrics", "studies"], ["ask", "metrics"]]
+    assert match_key(METRICS_KEY, keys) is keys[1] and match_key(KEY, keys) is keys[0]
+    assert match_key(KEY[:-1], keys) is None and match_key(None, keys) is None and match_key("", keys) is None
+    assert KEY not in repr(keys)  # only digests are kept
+    with pytest.raises(PromptError, match="line 1: unknown scope"):
+        load_api_keys(f"{KEY} admin", "keys.txt")
+    with pytest.raises(PromptError, match="at least 16"):
+        load_api_keys("short")
+
+
 # ------------------------------------------------------------------------------------------ the API
 
 
