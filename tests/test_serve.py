@@ -615,3 +615,27 @@ def test_tls_and_sigterm_mid_stream(tiny_bundles, studies, tmp_path):
         assert not [p for p in data.rglob("*") if ".partial" in p.name or p.name.startswith(".incoming")]
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        ([], {}, "no API keys"),
+        (["--no-auth", "--host", "0.0.0.0"], {}, "only allowed on a loopback address"),
+        (["--tls-cert", "cert.pem"], {"M3D_EDGE_API_KEYS": KEY}, "--tls-cert and --tls-key go together"),
+        (["--api-key-file", "missing-keys.txt"], {}, "cannot read the API key file"),
+        ([], {"M3D_EDGE_API_KEYS": "short"}, "at least 16 characters"),
+    ],
+)
+def test_serve_refuses_unsafe_or_incomplete_settings(tmp_path, monkeypatch, args, env, message):
+    from typer.testing import CliRunner
+
+    from m3d_edge.cli.app import app
+
+    monkeypatch.delenv("M3D_EDGE_API_KEYS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["serve", str(tmp_path / "bundle"), *args])
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split())
