@@ -88,11 +88,16 @@ def serve(
     One model per process; requests run in order on a bounded queue (503 + Retry-After when full). Every
     route but /healthz and /readyz needs an API key (Authorization: Bearer KEY or X-API-Key: KEY).
     """
-    import uvicorn
+    try:
+        import uvicorn
 
+        from m3d_edge.serve.http import create_app
+    except ImportError as exc:
+        raise PromptError(
+            f"m3d-edge serve needs the serve extra ({exc.name} is missing): pip install 'm3d-edge[serve]'"
+        ) from None
     from m3d_edge.serve.auth import keys_from_env, read_key_file
     from m3d_edge.serve.config import ServeConfig
-    from m3d_edge.serve.http import create_app
 
     if (tls_cert is None) != (tls_key is None):
         raise PromptError("--tls-cert and --tls-key go together")
