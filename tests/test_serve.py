@@ -403,6 +403,15 @@ def test_server_side_path_only_inside_the_allowed_root(server, studies, pipe):
     assert ans.json()["tokens"] == local_ask(pipe, studies["root"] / "server_side.npy", "report").tokens
 
 
+def _nifti_bomb() -> bytes:
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((4000, 4000, 4000))  # 256 GB as float32, in a few hundred bytes
+    hdr.set_data_dtype(np.float32)
+    return gzip.compress(hdr.binaryblock + b"\0" * 4 + b"\0" * 4096)
+
+
 def _bomb() -> bytes:
     return zip_bytes({"a.dcm": b"\0" * (30 * 2**20)})  # 30 MB of zeros in about 30 kB; the limit is 24 MB
 

@@ -40,6 +40,7 @@ from m3d_edge.serve.uploads import (
     RESULT_ID,
     StudyEntry,
     StudyStore,
+    check_nifti_size,
     extract_zip,
     hash_path,
     receive_body,
@@ -391,6 +392,8 @@ async def _add_upload(state: ServerState, request: Request) -> tuple[StudyEntry,
             (staged / "input").mkdir()
             rel = f"input/study.{kind}"
             blob.rename(staged / rel)
+            if kind.startswith("nii"):
+                await asyncio.to_thread(check_nifti_size, staged / rel, int(c.max_unpacked_mb * 2**20))
         entry = await asyncio.to_thread(
             store.add, study_id, "dicom" if kind == "zip" else kind, staged, rel, None
         )
