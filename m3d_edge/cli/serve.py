@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import typer
@@ -51,6 +54,12 @@ def serve(
     ),
     max_queue: int = typer.Option(8, "--max-queue", min=1, help="Requests admitted at once; more get 503."),
     max_upload_mb: float = typer.Option(1024, "--max-upload-mb", min=0.001, help="Largest upload (MB)."),
+    max_unpacked_mb: float = typer.Option(
+        4096, "--max-unpacked-mb", min=0.001, help="Largest total size a zip upload may unpack to (MB)."
+    ),
+    max_zip_entries: int = typer.Option(
+        20000, "--max-zip-entries", min=1, help="Most entries in a zip upload."
+    ),
     cache_mb: float = typer.Option(2048, "--cache-mb", min=0, help="Memory budget of the study cache (MB)."),
     allowed_root: Path | None = typer.Option(
         None, "--allowed-root", help="Let clients name server-side studies inside this folder."
@@ -85,11 +94,16 @@ def serve(
     One model per process; requests run in order on a bounded queue (503 + Retry-After when full). Every
     route but /healthz and /readyz needs an API key (Authorization: Bearer KEY or X-API-Key: KEY).
     """
-    import uvicorn
+    try:
+        import uvicorn
 
+        from m3d_edge.serve.http import create_app
+    except ImportError as exc:
+        raise PromptError(
+            f"m3d-edge serve needs the serve extra ({exc.name} is missing): pip install 'm3d-edge[serve]'"
+        ) from None
     from m3d_edge.serve.auth import keys_from_env, read_key_file
     from m3d_edge.serve.config import ServeConfig
-    from m3d_edge.serve.http import create_app
 
     if (tls_cert is None) != (tls_key is None):
         raise PromptError("--tls-cert and --tls-key go together")
@@ -121,6 +135,8 @@ def serve(
         max_queue=max_queue,
         timeout_s=timeout,
         max_upload_mb=max_upload_mb,
+        max_unpacked_mb=max_unpacked_mb,
+        max_zip_entries=max_zip_entries,
         cache_mb=cache_mb,
         allowed_root=allowed_root,
         data_dir=data_dir,
@@ -139,8 +155,14 @@ def serve(
     state = app.state.m3d
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: refuse new work, let the rest drain
-            state.worker.begin_close()
+        def handle_exit(self, sig, frame) -> None:
+            """SIGTERM/SIGINT: admit nothing new; in-flight requests may finish within the grace period,
+            then they are cancelled (streams end with an ``error`` event), before uvicorn cuts connections."""
+            if not self.should_exit:
+                state.worker.begin_close()
+                timer = threading.Timer(max(0.0, grace - 1.0), state.worker.cancel_all)
+                timer.daemon = True
+                timer.start()
             super().handle_exit(sig, frame)
 
     uv = uvicorn.Config(
@@ -155,6 +177,9 @@ def serve(
         server_header=False,
         proxy_headers=False,
     )
+    # uvicorn re-raises the signal it shut down on; after a graceful shutdown that means exit 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     Server(uv).run()
 
 

@@ -45,10 +45,9 @@ def load_api_keys(text: str, origin: str = "keys") -> list[ApiKey]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        key, _, rest = line.partition(" ")
-        scopes = frozenset(s.strip() for s in rest.replace(" ", ",").split(",") if s.strip()) or frozenset(
-            SCOPES
-        )
+        key, *rest = line.split(None, 1)
+        given = (rest[0] if rest else "").replace(",", " ").split()
+        scopes = frozenset(given) or frozenset(SCOPES)
         bad = sorted(scopes - set(SCOPES))
         if bad:
             raise PromptError(

@@ -40,12 +40,13 @@ from m3d_edge.serve.uploads import (
     RESULT_ID,
     StudyEntry,
     StudyStore,
+    check_nifti_size,
     extract_zip,
     hash_path,
     receive_body,
     sniff,
 )
-from m3d_edge.serve.worker import DONE, Cancelled, Job, ModelWorker
+from m3d_edge.serve.worker import CANCEL_STATUS, DONE, Job, ModelWorker
 
 log = logging.getLogger("m3d_edge.serve")
 
@@ -56,11 +57,6 @@ RESULT_FILES = {  # route name -> (file written in the result folder, media type
     "montage.png": ("montage.png", "image/png"),
     "report.html": ("report.html", "text/html; charset=utf-8"),
     "result.json": ("result.json", "application/json"),
-}
-CANCEL_STATUS = {
-    "timeout": (504, "timeout", "the request ran over its time limit"),
-    "shutdown": (503, "shutting_down", "the server is shutting down"),
-    "disconnect": (499, "client_disconnected", "the client went away"),
 }
 
 
@@ -89,6 +85,7 @@ class AskRequest(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1)
     sampling: SamplingRequest | None = None
     stream: bool = False
+    timeout_s: float | None = Field(None, gt=0, description="A shorter time limit than the server's.")
     preview: bool = Field(False, description="Also write montage.png and report.html.")
     force_seg: bool = Field(False, description="Bias [SEG] by +40 (random-weight test models).")
 
@@ -133,8 +130,10 @@ class ServerState:
         data = Path(tempfile.mkdtemp(prefix="m3d-edge-serve-")) if self.owns_data else Path(config.data_dir)
         self.data_dir = data
         self.store = StudyStore(data)
-        self.worker = ModelWorker(config.max_queue, config.retry_after_s)
         self.metrics = Metrics(self.cache_stats, lambda: self.worker.depth)
+        self.worker = ModelWorker(
+            config.max_queue, config.retry_after_s, lambda reason: self.metrics.cancelled.labels(reason).inc()
+        )
         self.uploads = asyncio.Semaphore(2)  # studies read at once (each holds a volume in memory)
         if pipeline is not None:
             self._adopt(pipeline)
@@ -238,6 +237,10 @@ def create_app(config: ServeConfig, pipeline: Any | None = None) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error_response(exc)
 
+    @app.exception_handler(M3DEdgeError)
+    async def _library_error(request: Request, exc: M3DEdgeError) -> JSONResponse:
+        return _error_response(from_library(exc))
+
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
@@ -332,7 +335,8 @@ def create_app(config: ServeConfig, pipeline: Any | None = None) -> FastAPI:
         kwargs = body.ask_kwargs()
         result_id, result_dir = state.store.result_dir(entry)
         fn = _ask_job(state, pipe, entry, body, kwargs, result_dir)
-        job = state.worker.submit(fn, config.timeout_s, stream=body.stream)
+        limit = min(config.timeout_s, body.timeout_s or config.timeout_s)
+        job = state.worker.submit(fn, limit, stream=body.stream)
         headers = {"X-Result-Id": result_id}
         if body.stream:
             headers["Cache-Control"] = "no-store"
@@ -388,6 +392,8 @@ async def _add_upload(state: ServerState, request: Request) -> tuple[StudyEntry,
             (staged / "input").mkdir()
             rel = f"input/study.{kind}"
             blob.rename(staged / rel)
+            if kind.startswith("nii"):
+                await asyncio.to_thread(check_nifti_size, staged / rel, int(c.max_unpacked_mb * 2**20))
         entry = await asyncio.to_thread(
             store.add, study_id, "dicom" if kind == "zip" else kind, staged, rel, None
         )
@@ -454,12 +460,8 @@ def _ask_job(
             logit_bias={pipe.seg_id: 40.0} if body.force_seg else {},
         )
         metrics.queue_wait.observe((job.started or time.monotonic()) - job.admitted)
-        try:
+        try:  # a Cancelled from on_text passes through: the worker turns it into 504/503/499
             result = pipe.ask(str(entry.input), sampling=params, on_text=job.on_text, **kwargs)
-        except Cancelled as exc:
-            metrics.cancelled.labels(exc.reason).inc()
-            status, code, message = CANCEL_STATUS[exc.reason]
-            raise ApiError(status, code, message) from None
         except M3DEdgeError as exc:
             raise from_library(exc, state.scrub(entry)) from None
         result.target = kwargs["target"]
@@ -495,11 +497,11 @@ def _write_files(pipe: Any, result: Any, out: Path, preview: bool) -> dict[str, 
 async def _wait(job: Job, request: Request, state: ServerState) -> dict[str, Any]:
     """The job's result; 504 past its deadline; a client gone away cancels it (frees its slot)."""
     fut = asyncio.wrap_future(job.future)
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when nobody waits
     while True:
         remaining = job.deadline - time.monotonic()
         if remaining <= 0:
             job.cancel("timeout")
-            state.metrics.cancelled.labels("timeout").inc()
             raise ApiError(*CANCEL_STATUS["timeout"])
         done, _ = await asyncio.wait({fut}, timeout=min(0.25, remaining))
         if done:
@@ -522,7 +524,6 @@ async def _sse(job: Job, state: ServerState):
                 item = await asyncio.wait_for(job.events.get(), timeout=max(remaining, 0.0) + 0.1)
             except TimeoutError:
                 job.cancel("timeout")
-                state.metrics.cancelled.labels("timeout").inc()
                 yield _event("error", ApiError(*CANCEL_STATUS["timeout"]).body())
                 return
             if item is DONE:
@@ -540,7 +541,6 @@ async def _sse(job: Job, state: ServerState):
     finally:
         if not job.future.done():
             job.cancel("disconnect")
-            state.metrics.cancelled.labels("disconnect").inc()
 
 
 # ------------------------------------------------------------------------------------------ access log

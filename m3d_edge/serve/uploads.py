@@ -130,6 +130,25 @@ def extract_zip(src: Path, dest: Path, max_entries: int, max_unpacked: int) -> i
         return total
 
 
+def check_nifti_size(path: Path, max_bytes: int) -> None:
+    """Refuse a NIfTI whose header promises more voxels than ``max_bytes`` of float32 (a .nii.gz bomb)."""
+    import nibabel as nib
+
+    try:
+        shape = nib.load(str(path)).header.get_data_shape()  # reads the header only
+    except Exception:
+        return  # unreadable: load_study says why (422 bad_study)
+    voxels = 1
+    for n in shape:
+        voxels *= max(int(n), 1)
+    if voxels * 4 > max_bytes:
+        raise ApiError(
+            422,
+            "volume_too_large",
+            f"upload: NIfTI of shape {tuple(shape)} is over {max_bytes} bytes as float32",
+        )
+
+
 def hash_path(path: Path) -> str:
     """Content id of a server-side file or folder: SHA-256 over its files' relative names and bytes."""
     h = hashlib.sha256()

@@ -23,6 +23,11 @@ from typing import Any
 from m3d_edge.serve.errors import ApiError
 
 DONE = object()  # end of a job's stream of text deltas
+CANCEL_STATUS = {  # why a job stopped -> (HTTP status, code, message)
+    "timeout": (504, "timeout", "the request ran over its time limit"),
+    "shutdown": (503, "shutting_down", "the server is shutting down"),
+    "disconnect": (499, "client_disconnected", "the client went away"),
+}
 
 
 class Cancelled(Exception):
@@ -64,10 +69,12 @@ class Job:
 
 
 class ModelWorker:
-    def __init__(self, max_queue: int, retry_after_s: int = 2) -> None:
+    def __init__(
+        self, max_queue: int, retry_after_s: int = 2, on_cancel: Callable[[str], None] | None = None
+    ) -> None:
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
-        self.max_queue, self.retry_after_s = max_queue, retry_after_s
+        self.max_queue, self.retry_after_s, self.on_cancel = max_queue, retry_after_s, on_cancel
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3d-model")
         self._lock = threading.Lock()
         self._jobs: set[Job] = set()
@@ -97,9 +104,15 @@ class ModelWorker:
         return job
 
     def _run(self, job: Job) -> Any:
-        job.check()  # cancelled or out of time while waiting: skip it
-        job.started = time.monotonic()
-        return job.fn(job)
+        """Run one job; a :class:`Cancelled` (before or during the run) becomes its ApiError."""
+        try:
+            job.check()  # cancelled or out of time while waiting: skip it
+            job.started = time.monotonic()
+            return job.fn(job)
+        except Cancelled as exc:
+            if self.on_cancel is not None:
+                self.on_cancel(exc.reason)
+            raise ApiError(*CANCEL_STATUS[exc.reason]) from None
 
     def _finish(self, job: Job, inner: Future) -> None:
         with self._lock:
@@ -124,11 +137,15 @@ class ModelWorker:
         with self._lock:
             self.closing = True
 
-    def close(self) -> None:
-        """Cancel every job (each stops at its next token) and wait for the model thread to end."""
+    def cancel_all(self, reason: str = "shutdown") -> None:
+        """Cancel every admitted job: waiting ones are skipped, running ones stop at their next token."""
         with self._lock:
             self.closing = True
             jobs = list(self._jobs)
         for job in jobs:
-            job.cancel("shutdown")
+            job.cancel(reason)
+
+    def close(self) -> None:
+        """Cancel every job and wait for the model thread to end."""
+        self.cancel_all()
         self._executor.shutdown(wait=True, cancel_futures=False)
