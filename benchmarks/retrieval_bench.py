@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Noise, machine, save, summary, wait_for_quiet  # noqa: E402
 
 DIM = 768
+QUIET_WAIT = 8.0  # seconds to wait for a quieter machine before each measurement (load is recorded)
 REPORT = (
     "The liver is enlarged with a 3.2 cm hypodense lesion in segment 7, likely a cyst. No biliary dilatation. "
     "Spleen, pancreas and both kidneys are unremarkable. Small bilateral pleural effusions."
@@ -82,7 +83,7 @@ def bench_embedding(work: Path, repeats: int, threads: int) -> dict:
     vols = np.stack([ct_like_volume(i)[None] for i in range(2)])
     out: dict = {"bundle": "bench (ViT-B 12x768 + BERT 12x768, random weights)", "threads": threads}
     for b in (1, 2):
-        wait_for_quiet(0.3, timeout=60)
+        wait_for_quiet(0.3, timeout=QUIET_WAIT)
         times, load = timed(lambda b=b: r.embed_volumes(vols[:b]), repeats)
         med = summary(times)["median"]
         out[f"image_batch{b}"] = {"seconds": summary(times), "studies_per_s": b / med, "load": load}
@@ -90,7 +91,7 @@ def bench_embedding(work: Path, repeats: int, threads: int) -> dict:
     ids, _ = r.tokenize([REPORT])
     texts = [REPORT] * 32
     for b in (1, 32):
-        wait_for_quiet(0.3, timeout=60)
+        wait_for_quiet(0.3, timeout=QUIET_WAIT)
         times, load = timed(lambda b=b: r.embed_texts(texts[:b], batch_size=b), repeats)
         med = summary(times)["median"]
         out[f"text_batch{b}"] = {"seconds": summary(times), "texts_per_s": b / med, "load": load}
@@ -177,7 +178,7 @@ def bench_size(n: int, n_queries: int, nprobes: list[int], clustered: bool, seed
     build = time.perf_counter() - t0
     _, truth = flat.search(q, 10)  # ground truth, batched
     n_exact = min(n_queries, 200 if n >= 1_000_000 else n_queries)
-    wait_for_quiet(0.3, timeout=60)
+    wait_for_quiet(0.3, timeout=QUIET_WAIT)
     with Noise() as noise:
         lat, found = latencies(flat, q[:n_exact])
     row["exact"] = {
@@ -215,7 +216,7 @@ def bench_size(n: int, n_queries: int, nprobes: list[int], clustered: bool, seed
     }
     for nprobe in nprobes:
         ivf.nprobe = nprobe
-        wait_for_quiet(0.3, timeout=60)
+        wait_for_quiet(0.3, timeout=QUIET_WAIT)
         with Noise() as noise:
             lat, found = latencies(ivf, q)
         rec = recall_at_10(found, truth)

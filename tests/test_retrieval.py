@@ -326,6 +326,12 @@ def test_cli_search_add_remove(tmp_path, studies, retriever, built_index):
     assert sorted(r["name"] for r in json.loads(res.output)["results"]) == ["s2", "s3", "s4", "s5"]
     res = runner.invoke(app, ["index", "add", str(index), str(studies / "s0.npy")])
     assert res.exit_code == 0 and "│ indexed now               │     1 │" in res.output
+    res = runner.invoke(app, ["search", str(index), "--study", str(studies / "s0.npy"), "-k", "1", "--json"])
+    assert json.loads(res.output)["results"][0]["name"] == "s0"
+    res = runner.invoke(app, ["index", "add", str(index), str(studies / "s0.npy")])
+    assert "│ already indexed (skipped) │     1 │" in res.output
+    res = runner.invoke(app, ["inspect", str(retriever.bundle)])
+    assert res.exit_code == 0 and "image_encoder" in res.output and "embed_dim" in res.output
 
 
 @pytest.mark.parametrize(
@@ -360,7 +366,7 @@ def test_index_build_privacy_and_failed_studies(tmp_path, clip_bundle, studies):
     root = shutil.copytree(studies, tmp_path / "studies")
     (root / "broken.npy").write_bytes(b"not a volume")
     index = tmp_path / "idx"
-    res = runner.invoke(app, ["index", "build", str(clip_bundle), str(root), "-o", str(index), "--privacy"])
+    res = runner.invoke(app, ["index", "build", str(clip_bundle), str(root), "-o", str(index), "--private"])
     assert res.exit_code == 10, res.output
     errors = [json.loads(ln) for ln in (index / "errors.jsonl").read_text().splitlines()]
     assert (
