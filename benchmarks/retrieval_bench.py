@@ -283,6 +283,7 @@ def main() -> None:
         "faiss": faiss.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["python", *sys.argv]),
+        "loadavg_start": os.getloadavg(),  # 1/5/15-minute load averages of the shared machine
     }
     prev = Path(__file__).resolve().parent / "results" / f"{args.out}.json"
     if prev.is_file() and args.part != "all":  # keep the other part's numbers
@@ -304,6 +305,8 @@ def main() -> None:
         result["search"] = rows
         result["study_index"] = bench_study_index(args.work, 10_000, 200)
         save(args.out, result)
+    result["loadavg_end"] = os.getloadavg()
+    save(args.out, result)
     print(f"wrote benchmarks/results/{args.out}.json")
 
 

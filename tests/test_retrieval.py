@@ -331,7 +331,10 @@ def test_cli_search_add_remove(tmp_path, studies, retriever, built_index):
     res = runner.invoke(app, ["index", "add", str(index), str(studies / "s0.npy")])
     assert "│ already indexed (skipped) │     1 │" in res.output
     res = runner.invoke(app, ["inspect", str(retriever.bundle)])
-    assert res.exit_code == 0 and "image_encoder" in res.output and "embed_dim" in res.output
+    assert res.exit_code == 0 and "integrity: ok" in res.output
+    res = runner.invoke(app, ["inspect", str(retriever.bundle), "--json"])
+    info = json.loads(res.output)
+    assert set(info["graphs"]) == {"image_encoder", "text_encoder"} and info["dims"]["embed_dim"] == 64
 
 
 @pytest.mark.parametrize(
@@ -369,9 +372,8 @@ def test_index_build_privacy_and_failed_studies(tmp_path, clip_bundle, studies):
     res = runner.invoke(app, ["index", "build", str(clip_bundle), str(root), "-o", str(index), "--private"])
     assert res.exit_code == 10, res.output
     errors = [json.loads(ln) for ln in (index / "errors.jsonl").read_text().splitlines()]
-    assert (
-        len(errors) == 1 and "broken" not in errors[0]["study"] and errors[0]["study"].startswith("source:")
-    )
+    assert len(errors) == 1 and errors[0]["study"].startswith("source:") and errors[0]["exit_code"] == 3
+    assert "broken" not in (index / "errors.jsonl").read_text() and "broken" not in res.output
     rows = sqlite3.connect(index / "index.sqlite").execute(
         "SELECT name, source_path, content_hash FROM studies"
     )

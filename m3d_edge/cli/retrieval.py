@@ -87,12 +87,13 @@ def embed_into(idx, r, studies: list[tuple[str, Path]], batch_size: int, label: 
 
     def failed(path: Any, exc: Exception) -> None:
         counts["failed"] += 1
-        key = keys[str(path)]
-        log_error(idx.path, f"source:{key[:16]}" if idx.privacy else names[str(path)], exc)
-        shown = f"source {key[:16]}" if idx.privacy else names[str(path)]
-        console.print(
-            Text("failed ", style="red").append(f"{shown}: {' '.join(str(exc).split())}"), soft_wrap=True
-        )
+        name = f"source:{keys[str(path)][:16]}" if idx.privacy else names[str(path)]
+        if idx.privacy:  # messages name the source path: keep only the kind of failure
+            exc = StudyError(
+                f"{name}: study unreadable ({type(exc).__name__}; details withheld, private mode)"
+            )
+        log_error(idx.path, name, exc)
+        console.print(Text("failed ", style="red").append(" ".join(str(exc).split())), soft_wrap=True)
 
     progress = _progress()
     with progress:
