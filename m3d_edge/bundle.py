@@ -184,6 +184,11 @@ class ClipDims:
     max_text_len: int  # what the tokenizer truncates to (config max_text_len)
     embed_dim: int  # the shared embedding space (the projections' width)
 
+    @property
+    def context_length(self) -> int:
+        """The longest text (in tokens) a query is truncated to."""
+        return self.max_text_len
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClipDims:
         d = dict(d)

@@ -326,6 +326,15 @@ def test_cli_search_add_remove(tmp_path, studies, retriever, built_index):
     assert sorted(r["name"] for r in json.loads(res.output)["results"]) == ["s2", "s3", "s4", "s5"]
     res = runner.invoke(app, ["index", "add", str(index), str(studies / "s0.npy")])
     assert res.exit_code == 0 and "│ indexed now               │     1 │" in res.output
+    res = runner.invoke(app, ["search", str(index), "--study", str(studies / "s0.npy"), "-k", "1", "--json"])
+    assert json.loads(res.output)["results"][0]["name"] == "s0"
+    res = runner.invoke(app, ["index", "add", str(index), str(studies / "s0.npy")])
+    assert "│ already indexed (skipped) │     1 │" in res.output
+    res = runner.invoke(app, ["inspect", str(retriever.bundle)])
+    assert res.exit_code == 0 and "integrity: ok" in res.output
+    res = runner.invoke(app, ["inspect", str(retriever.bundle), "--json"])
+    info = json.loads(res.output)
+    assert set(info["graphs"]) == {"image_encoder", "text_encoder"} and info["dims"]["embed_dim"] == 64
 
 
 @pytest.mark.parametrize(
@@ -360,12 +369,11 @@ def test_index_build_privacy_and_failed_studies(tmp_path, clip_bundle, studies):
     root = shutil.copytree(studies, tmp_path / "studies")
     (root / "broken.npy").write_bytes(b"not a volume")
     index = tmp_path / "idx"
-    res = runner.invoke(app, ["index", "build", str(clip_bundle), str(root), "-o", str(index), "--privacy"])
+    res = runner.invoke(app, ["index", "build", str(clip_bundle), str(root), "-o", str(index), "--private"])
     assert res.exit_code == 10, res.output
     errors = [json.loads(ln) for ln in (index / "errors.jsonl").read_text().splitlines()]
-    assert (
-        len(errors) == 1 and "broken" not in errors[0]["study"] and errors[0]["study"].startswith("source:")
-    )
+    assert len(errors) == 1 and errors[0]["study"].startswith("source:") and errors[0]["exit_code"] == 3
+    assert "broken" not in (index / "errors.jsonl").read_text() and "broken" not in res.output
     rows = sqlite3.connect(index / "index.sqlite").execute(
         "SELECT name, source_path, content_hash FROM studies"
     )

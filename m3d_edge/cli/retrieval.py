@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,14 @@ from rich.text import Text
 
 from m3d_edge.cli.common import EXIT_BATCH_PARTIAL, backend_options, console, handle_errors, note
 from m3d_edge.errors import PromptError, StudyError
+
+try:  # the batch engine's discovery and error log: m3d_edge.jobs (issue 12), else their cli/batch.py originals
+    from m3d_edge.jobs import discover
+    from m3d_edge.jobs.error_log import log_error
+except ImportError:  # pragma: no cover - before the jobs package is merged
+    from m3d_edge.cli.batch import discover, log_error
+
+PRIVATE_ENV = "M3D_EDGE_PRIVATE"  # batch's switch for a whole site: privacy mode without the flag
 
 index_app = typer.Typer(
     help="Build and maintain an M3D-CLIP study index (faiss + SQLite) for `m3d-edge search`.",
@@ -63,12 +72,6 @@ def _index_and_retriever(index: Path, bundle: Path | None, threads: int = 0):
     return idx, r
 
 
-def _log_error(out: Path, name: str, exc: BaseException) -> None:
-    from m3d_edge.cli.batch import log_error  # moves to m3d_edge.jobs with the batch engine
-
-    log_error(out, name, exc)
-
-
 def embed_into(idx, r, studies: list[tuple[str, Path]], batch_size: int, label: str) -> dict[str, int]:
     """Embed ``(name, path)`` studies not yet in ``idx`` and add each in its own transaction.
 
@@ -84,12 +87,13 @@ def embed_into(idx, r, studies: list[tuple[str, Path]], batch_size: int, label: 
 
     def failed(path: Any, exc: Exception) -> None:
         counts["failed"] += 1
-        key = keys[str(path)]
-        _log_error(idx.path, f"source:{key[:16]}" if idx.privacy else names[str(path)], exc)
-        shown = f"source {key[:16]}" if idx.privacy else names[str(path)]
-        console.print(
-            Text("failed ", style="red").append(f"{shown}: {' '.join(str(exc).split())}"), soft_wrap=True
-        )
+        name = f"source:{keys[str(path)][:16]}" if idx.privacy else names[str(path)]
+        if idx.privacy:  # messages name the source path: keep only the kind of failure
+            exc = StudyError(
+                f"{name}: study unreadable ({type(exc).__name__}; details withheld, private mode)"
+            )
+        log_error(idx.path, name, exc)
+        console.print(Text("failed ", style="red").append(" ".join(str(exc).split())), soft_wrap=True)
 
     progress = _progress()
     with progress:
@@ -149,7 +153,9 @@ def index_build(
         ..., "--out", "-o", help="Index folder to write (or resume).", show_default=False
     ),
     privacy: bool = typer.Option(
-        False, "--privacy", help="Store no study names or source paths (only UIDs and content hashes)."
+        False,
+        "--private",
+        help=f"Privacy mode (also {PRIVATE_ENV}=1): store no study names or source paths, only UIDs and hashes.",
     ),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Volumes per image-encoder run."),
     approx_min: int | None = typer.Option(
@@ -161,9 +167,9 @@ def index_build(
 
     Exit code 0 when every study is indexed, 10 when some failed (see INDEX/errors.jsonl).
     """
-    from m3d_edge.cli.batch import discover  # the batch engine's discovery (moving to m3d_edge.jobs)
     from m3d_edge.runtime.retrieval_index import APPROX_MIN, StudyIndex
 
+    privacy = privacy or os.environ.get(PRIVATE_ENV, "").strip().lower() not in ("", "0", "false", "no")
     studies = discover(root)
     if not studies:
         raise StudyError(f"{root}: no studies (subfolders, .nii, .nii.gz or .npy files) found")
@@ -172,9 +178,17 @@ def index_build(
         out, r.bundle_id, r.dim, bundle_path=bundle, privacy=privacy, approx_min=approx_min or APPROX_MIN
     )
     if privacy != idx.privacy:
-        note(f"{out}: the index was created {'with' if idx.privacy else 'without'} --privacy; keeping that")
+        note(f"{out}: the index was created {'with' if idx.privacy else 'without'} --private; keeping that")
+    (idx.path / "errors.jsonl").unlink(missing_ok=True)  # this run's failures only, as batch does
     counts = embed_into(idx, r, studies, batch_size, "index build")
     _summary(idx, counts, f"index {out}: {len(studies)} studies under {root}")
+
+
+def _study_name(path: Path) -> str:
+    """The name ``index build`` gives a study: the folder name, or the file name without its suffix."""
+    low = path.name.lower()
+    suffix = next((x for x in (".nii.gz", ".nii", ".npy") if low.endswith(x)), "")
+    return path.name[: len(path.name) - len(suffix)] if path.is_file() and suffix else path.name
 
 
 @index_app.command("add")
@@ -190,7 +204,7 @@ def index_add(
     missing = [s for s in studies if not s.exists()]
     if missing:
         raise StudyError(f"{missing[0]}: no such file or folder")
-    items = [(s.name, s) for s in studies]
+    items = [(_study_name(s), s) for s in studies]
     _summary(idx, embed_into(idx, r, items, 2, "index add"), f"index {index}")
 
 
@@ -422,7 +436,7 @@ def eval_retrieval(
 INDEX_EXAMPLES = {
     "build": (
         "m3d-edge index build ./clip_bundle ./studies -o ./index",
-        "m3d-edge index build ./clip_bundle ./studies -o ./index --privacy   # no names or paths stored",
+        "m3d-edge index build ./clip_bundle ./studies -o ./index --private   # no names or paths stored",
     ),
     "add": ("m3d-edge index add ./index ./new_ct_folder ./other.nii.gz",),
     "remove": ("m3d-edge index remove ./index 17 1.2.840.113619.2.55.3.604688",),
