@@ -239,8 +239,8 @@ def read_manifest(bundle_dir: Path | str, verify: bool = True) -> Manifest:
         raise BundleError(f"{bundle_dir}: no {MANIFEST} (not an m3d-edge bundle)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: unreadable manifest ({e})") from e
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BundleError(f"{path}: unreadable manifest ({type(e).__name__})") from None
     version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version != SCHEMA_VERSION:
         raise BundleError(

@@ -88,8 +88,10 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise ExportError(f"{path}: missing") from e
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: unreadable JSON ({e})") from e
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ExportError(
+            f"{path}: unreadable JSON ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        ) from e
     if not isinstance(data, dict):
         raise ExportError(f"{path}: expected a JSON object")
     return data

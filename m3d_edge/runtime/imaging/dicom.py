@@ -226,8 +226,17 @@ def _scan(root: Path) -> list[SeriesInfo]:
     for f in _iter_files(root):
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError):
-            continue  # not DICOM (or unreadable): skipped
+        except (
+            InvalidDicomError,
+            OSError,
+            EOFError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            KeyError,
+            MemoryError,
+        ):
+            continue  # not DICOM (or unreadable; an element length beyond any memory): skipped
         meta_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
         sop_class = str(ds.get("SOPClassUID", "") or meta_class)
         if sop_class == MEDIA_STORAGE_DIRECTORY or meta_class == MEDIA_STORAGE_DIRECTORY:
