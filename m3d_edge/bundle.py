@@ -307,6 +307,8 @@ def check_paths(bundle_dir: Path, manifest: Manifest) -> None:
             groups.append((f"{name}.{prec}", variant.get("file"), variant.get("sha256")))
             if variant.get("report") is not None:
                 bundle_path(bundle_dir, variant["report"], f"{name}.{prec} report")
+                if variant["report"] not in (variant.get("sha256") or {}):
+                    raise BundleError(f"{bundle_dir}: report of {name}.{prec} has no sha256 (refused)")
         for label, file, hashes in groups:
             bundle_path(bundle_dir, file, f"graph {label}")
             if not isinstance(hashes, dict) or file not in hashes:
