@@ -282,8 +282,9 @@ def bundle_path(bundle_dir: Path, rel: Any, what: str) -> Path:
     base = Path(bundle_dir).resolve()
     try:
         inside = (base / rel).resolve().is_relative_to(base)
-    except (OSError, RuntimeError):  # a symlink loop
-        inside = False
+        (base / rel).exists()  # a name the file system refuses (too long, ...) fails here, not later
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a name too long
+        raise BundleError(f"{bundle_dir}: {what} path {rel[:80]!r} is not a usable file name") from None
     if not inside:
         raise BundleError(f"{bundle_dir}: {what} path {rel!r} is outside the bundle (refused)")
     return Path(bundle_dir) / rel
@@ -300,6 +301,8 @@ def check_paths(bundle_dir: Path, manifest: Manifest) -> None:
             raise BundleError(f"{bundle_dir}: {kind} entry has no sha256 (refused)")
         bundle_path(bundle_dir, part.get("file"), kind)
     for name, entry in manifest.graphs.items():
+        if not isinstance(entry.variants, dict):
+            raise BundleError(f"{bundle_dir}: variants of graph {name} are malformed")
         groups = [(name, entry.file, entry.sha256)]
         for prec, variant in entry.variants.items():
             if not isinstance(variant, dict):

@@ -128,7 +128,13 @@ def confined(root: Path, rel: object, what: str) -> Path:
     if Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise ExportError(f"{what}: shard {rel!r} points outside the checkpoint folder")
     base = Path(root).resolve()
-    target = (base / rel).resolve()
+    try:
+        target = (base / rel).resolve()
+        (base / rel).is_file()  # a name the file system refuses (too long, ...) fails here, not later
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ExportError(
+            f"{what}: shard {rel[:80]!r} is not a usable file name ({type(e).__name__})"
+        ) from None
     if not target.is_relative_to(base):
         raise ExportError(f"{what}: shard {rel!r} points outside the checkpoint folder")
     return Path(root) / rel
