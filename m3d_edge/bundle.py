@@ -328,8 +328,8 @@ def read_manifest(bundle_dir: Path | str, verify: bool = True) -> Manifest:
         raise BundleError(f"{bundle_dir}: no {MANIFEST} (not an m3d-edge bundle)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: unreadable manifest ({e})") from e
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BundleError(f"{path}: unreadable manifest ({type(e).__name__})") from None
     version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version != SCHEMA_VERSION:
         raise BundleError(
@@ -373,8 +373,9 @@ def bundle_path(bundle_dir: Path, rel: Any, what: str) -> Path:
     base = Path(bundle_dir).resolve()
     try:
         inside = (base / rel).resolve().is_relative_to(base)
-    except (OSError, RuntimeError):  # a symlink loop
-        inside = False
+        (base / rel).exists()  # a name the file system refuses (too long, ...) fails here, not later
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a name too long
+        raise BundleError(f"{bundle_dir}: {what} path {rel[:80]!r} is not a usable file name") from None
     if not inside:
         raise BundleError(f"{bundle_dir}: {what} path {rel!r} is outside the bundle (refused)")
     return Path(bundle_dir) / rel
@@ -391,6 +392,8 @@ def check_paths(bundle_dir: Path, manifest: Manifest) -> None:
             raise BundleError(f"{bundle_dir}: {kind} entry has no sha256 (refused)")
         bundle_path(bundle_dir, part.get("file"), kind)
     for name, entry in manifest.graphs.items():
+        if not isinstance(entry.variants, dict):
+            raise BundleError(f"{bundle_dir}: variants of graph {name} are malformed")
         groups = [(name, entry.file, entry.sha256)]
         for prec, variant in entry.variants.items():
             if not isinstance(variant, dict):
@@ -398,6 +401,8 @@ def check_paths(bundle_dir: Path, manifest: Manifest) -> None:
             groups.append((f"{name}.{prec}", variant.get("file"), variant.get("sha256")))
             if variant.get("report") is not None:
                 bundle_path(bundle_dir, variant["report"], f"{name}.{prec} report")
+                if variant["report"] not in (variant.get("sha256") or {}):
+                    raise BundleError(f"{bundle_dir}: report of {name}.{prec} has no sha256 (refused)")
         for label, file, hashes in groups:
             bundle_path(bundle_dir, file, f"graph {label}")
             if not isinstance(hashes, dict) or file not in hashes:

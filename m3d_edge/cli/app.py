@@ -461,14 +461,20 @@ def _inspect_bundle(path: Path, as_json: bool) -> None:
             "opset": g.opset,
         }
     calibration = {}
+    hashed_reports = {
+        f for g in manifest.graphs.values() for v in g.variants.values() for f in v.get("sha256", {})
+    }
     for p in sorted((path / "calibration").glob("*.json")) if (path / "calibration").is_dir() else []:
         if not p.resolve().is_relative_to(path.resolve()):  # a symlink out of the bundle is not read
             calibration[p.name] = {"error": "outside the bundle (refused)"}
             continue
         try:
-            calibration[p.name] = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            calibration[p.name] = {"error": f"unreadable ({exc})"}
+            rep = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            rep = {"error": f"unreadable ({type(exc).__name__})"}
+        rep = rep if isinstance(rep, dict) else {"value": rep}
+        # a failed variant's report is kept unlisted: shown, but not vouched for by a hash
+        calibration[p.name] = {**rep, "verified": f"calibration/{p.name}" in hashed_reports}
     total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     info = {
         "bundle": str(path),

@@ -88,8 +88,10 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise ExportError(f"{path}: missing") from e
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: unreadable JSON ({e})") from e
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ExportError(
+            f"{path}: unreadable JSON ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+        ) from e
     if not isinstance(data, dict):
         raise ExportError(f"{path}: expected a JSON object")
     return data
@@ -126,7 +128,13 @@ def confined(root: Path, rel: object, what: str) -> Path:
     if Path(rel).is_absolute() or ".." in Path(rel).parts:
         raise ExportError(f"{what}: shard {rel!r} points outside the checkpoint folder")
     base = Path(root).resolve()
-    target = (base / rel).resolve()
+    try:
+        target = (base / rel).resolve()
+        (base / rel).is_file()  # a name the file system refuses (too long, ...) fails here, not later
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ExportError(
+            f"{what}: shard {rel[:80]!r} is not a usable file name ({type(e).__name__})"
+        ) from None
     if not target.is_relative_to(base):
         raise ExportError(f"{what}: shard {rel!r} points outside the checkpoint folder")
     return Path(root) / rel

@@ -74,12 +74,10 @@ def load_embed_table(path: Path) -> np.ndarray:
     """The bundle's embedding table, memory-mapped; never unpickles (an object array is refused)."""
     try:
         table = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:  # "Object arrays cannot be loaded when allow_pickle=False", bad header
-        raise BundleError(
-            f"{path}: not a plain numeric .npy table ({' '.join(str(e).split())[:120]})"
-        ) from None
     except OSError as e:
         raise BundleError(f"{path}: unreadable ({e.strerror or type(e).__name__})") from None
+    except Exception as e:  # "Object arrays cannot be loaded when allow_pickle=False", a bad header
+        raise BundleError(f"{path}: not a plain numeric .npy table ({type(e).__name__})") from None
     if not isinstance(table, np.ndarray) or table.ndim != 2 or table.dtype.kind != "f":
         raise BundleError(f"{path}: expected a 2-D float table")
     return table

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from m3d_edge.errors import StudyError
+from m3d_edge.errors import M3DEdgeError, StudyError
 from m3d_edge.runtime.imaging.geometry import LPS_TO_RAS, TARGET_SHAPE, Geometry
 
 
@@ -42,6 +43,27 @@ class Study:
     skipped_files: list[str] = field(default_factory=list)  # unreadable files (relative to the folder)
 
 
+def _typed_errors(load):
+    """The readers' boundary: anything a library raises on a damaged file becomes one StudyError line."""
+
+    @functools.wraps(load)
+    def wrapper(path, *args, **kwargs):
+        try:
+            return load(path, *args, **kwargs)
+        except M3DEdgeError:
+            raise
+        except MemoryError:
+            raise StudyError(
+                f"{path}: a declared size does not fit in memory (damaged or huge study)"
+            ) from None
+        except Exception as exc:  # pydicom/nibabel/numpy errors on damaged input (NotImplementedError, ...)
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise StudyError(f"{path}: unreadable study ({type(exc).__name__}: {first})") from exc
+
+    return wrapper
+
+
+@_typed_errors
 def load_study(
     path: Path | str, series: str | None = None, allow_resample: bool = False, max_voxels: int | None = None
 ) -> Study:
