@@ -605,8 +605,6 @@ def run(
     fmt = parse_formats(formats)
     if want_preview and out is None:
         raise PromptError("--preview needs --out DIR")
-    if out is not None and out.exists() and not out.is_dir():
-        raise PromptError(f"--out {out}: is a file, not a folder")
     params = sampling_params(sample, temperature, top_p, top_k, seed)
     check_numbers(threads, max_new_tokens)
     check_out_dir(out)

@@ -166,7 +166,7 @@ def check_out_dir(out: Path | None, option: str = "--out") -> None:
         return
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise PromptError(f"{option} {out}: exists and is not a folder")
+        raise PromptError(f"{option} {out}: is a file, not a folder")
     parent = out
     while not parent.exists():
         parent = parent.parent
