@@ -93,6 +93,7 @@ def cmd_export(a) -> None:
     cli = [sys.executable, "-m", "m3d_edge.cli.app", "export", str(a.ckpt), "-o", str(a.out), "--overwrite"]
     cli += ["--precision", a.precision] + (["--no-tensorrt-graph"] if a.no_trt else [])
     res = measured(cli)
+    print(json.dumps(res), flush=True)
     res.update(step="export", name=a.name, precision=a.precision, bundle_bytes=dir_bytes(a.out))
     manifest = Path(a.out) / "manifest.json"
     if manifest.is_file():
@@ -109,16 +110,27 @@ def cmd_run(a) -> None:
     out = Path(a.work) / f"run-{a.name}"
     cli = [sys.executable, "-m", "m3d_edge.cli.app", "run", str(a.bundle), str(study), "--task", "report"]
     cli += ["--out", str(out), "--max-new-tokens", str(a.max_new_tokens)]
+    bw = copy_bandwidth()
     res = measured(cli)
+    bw = max(bw, copy_bandwidth())  # before and after the run: the machine drifts
+    print(json.dumps(res), flush=True)
     result = out / "result.json"
     if result.is_file():
         r = json.loads(result.read_text())
-        t = r.get("timings", {})
-        steps = t.get("decode_steps") or []
-        res["timings"] = {k: v for k, v in t.items() if k != "decode_steps"}
+        res["timings"] = r.get("timings", {})
         res["new_tokens"] = len(r.get("tokens", []))
-        res["decode_tok_s"] = len(steps) / sum(steps) if steps else None
-        res["answer"] = r.get("text", "")[:200]
+        res["decode_tok_s"] = res["timings"].get("decode_tokens_per_s")
+        res["answer"] = r.get("text", "")[:120]
+        m = json.loads((Path(a.bundle) / "manifest.json").read_text())
+        entry = m["graphs"]["decoder"]
+        weights = sum((Path(a.bundle) / f).stat().st_size for f in entry["sha256"] if f.endswith(".data"))
+        res.update(
+            precision=entry["precision"],
+            decoder_weight_bytes=weights,
+            copy_bandwidth_gb_s=round(bw / 1e9, 2),
+            roofline_tok_s=round(bw / weights, 2),
+            roofline_share=round((res["decode_tok_s"] or 0) / (bw / weights), 3),
+        )
     res.update(step="run", name=a.name, study="lung1 chest CT (NRRD -> NIfTI)")
     append(res)
 
