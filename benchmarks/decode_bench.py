@@ -26,7 +26,15 @@ from common import Noise, machine, peak_rss_mb, save, summary, wait_for_quiet  #
 
 QUESTION = "What is the abnormality in the right lung and how large is it? Describe its location."
 NEW_TOKENS = 64
-SHARED_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct" / "lung1_image.nrrd"
+# the project's shared data folder beside the checkout (or beside the folder of worktrees)
+SHARED_CT = next(
+    (
+        p / "shared" / "data" / "ct" / "lung1_image.nrrd"
+        for p in Path(__file__).resolve().parents[1:4]
+        if (p / "shared" / "data" / "ct" / "lung1_image.nrrd").is_file()
+    ),
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "ct" / "lung1_image.nrrd",
+)
 
 
 def load_volume() -> tuple[np.ndarray, str]:

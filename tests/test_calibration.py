@@ -73,6 +73,7 @@ def test_pass_path_records_variants_and_defaults(calibrated):
         "seg_encoder": "int8",
         "decoder": "int8",  # int4 stays an opt-in variant
         "seg_decoder": "fp32",
+        "decoder_std": "fp32",  # the standard-op TensorRT decoder is not calibrated (TensorRT picks FP16)
     }
     assert report.defaults == {g: e.default for g, e in m.graphs.items()}
     for g, prec in (("vision", "int8"), ("seg_encoder", "int8"), ("decoder", "int8"), ("decoder", "int4")):

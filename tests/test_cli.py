@@ -177,7 +177,7 @@ def test_inspect_bundle(bundle, tmp_path):
     assert "integrity: ok" in r.stdout and "decoder" in r.stdout and "token ids" in r.stdout
     r = invoke("inspect", bundle, "--json")
     d = json.loads(r.stdout)
-    assert set(d["graphs"]) == {"vision", "decoder", "seg_encoder", "seg_decoder"}
+    assert set(d["graphs"]) == {"vision", "decoder", "decoder_std", "seg_encoder", "seg_decoder"}
     assert d["token_ids"]["seg"] == 32014 and d["dims"]["family"] == "phi3"
     assert d["calibration"] == {}
 
@@ -282,7 +282,7 @@ def test_export_errors_and_table(tiny_checkpoints, bundle, tmp_path, monkeypatch
 
     from m3d_edge.export import exporter
 
-    def fake_export(ckpt, out, *, allow_pickle, overwrite, validate, progress):
+    def fake_export(ckpt, out, *, allow_pickle, overwrite, validate, progress, **options):
         for name in ("vision", "decoder"):
             progress(name, "start")
             progress(name, "done")

@@ -75,7 +75,9 @@ def _export_graph(module: torch.nn.Module, spec: GraphSpec, args: tuple, path: P
 
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmpdir:
         tmp = Path(tmpdir) / path.name  # torch writes the weights of >2 GB graphs beside it
-        with warnings.catch_warnings():
+        # no_grad: the TorchScript tracer otherwise records autograd state and keeps every activation of
+        # the example pass alive (about 9 GB for the two ViT-B encoders at batch 2)
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
@@ -135,7 +137,10 @@ def _decoder_feeds(spec_inputs: list[str], embeds: np.ndarray, past: list[np.nda
 
 
 def validate_decoder(path: Path, module: torch.nn.Module, dims, layers: int, fused: bool) -> float:
-    """Max |ORT - torch| of logits, hidden state and cache over a 6-token prefill and a 2-token step."""
+    """Max |ORT - torch| of logits, hidden state and cache over a 6-token prefill and a 2-token step,
+    each relative to its output's scale (``max(1, max |torch|)``): the bench decoders (std 0.2 weights)
+    reach logits of ~100, where float32 accumulation order alone differs by ~1e-3 between the fused
+    attention kernel and transformers' eager attention; a cache or rotary bug is off by order 1."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -155,9 +160,11 @@ def validate_decoder(path: Path, module: torch.nn.Module, dims, layers: int, fus
             )
         got = session.run(None, _decoder_feeds(names, x.numpy(), past, total))
         for a, b in zip(got[:2], ref[:2], strict=True):
-            worst = max(worst, float(np.abs(a - b.numpy()).max()))
+            b = b.numpy()
+            worst = max(worst, float(np.abs(a - b).max()) / max(1.0, float(np.abs(b).max())))
         for a, b in zip(got[2:], ref[2:], strict=True):
-            worst = max(worst, float(np.abs(a[:, :, :total] - b.numpy()).max()))
+            b = b.numpy()
+            worst = max(worst, float(np.abs(a[:, :, :total] - b).max()) / max(1.0, float(np.abs(b).max())))
         past, ref_past = list(got[2:]), list(ref[2:])
     return worst
 

@@ -71,7 +71,7 @@ def encoders_model(ckpt: Path, allow_pickle: bool = False) -> tuple[torch.nn.Mod
     with torch.device("meta"):
         model = build_model(_without_layers(cfg))
     _assign(model, _load(ckpt, names, allow_pickle), ckpt)
-    return model.eval(), cfg
+    return model.eval().requires_grad_(False), cfg
 
 
 def truncated_decoder(ckpt: Path, cfg: LamedConfig, layers: int) -> torch.nn.Module:
@@ -87,4 +87,4 @@ def truncated_decoder(ckpt: Path, cfg: LamedConfig, layers: int) -> torch.nn.Mod
     if not state:
         raise ExportError(f"{ckpt}: no decoder weights found")
     _assign(model, state, Path(ckpt))
-    return model.eval()
+    return model.eval().requires_grad_(False)
