@@ -387,7 +387,10 @@ def check_paths(bundle_dir: Path, manifest: Manifest) -> None:
     A graph (or variant) whose own file has no sha256 entry is refused, so an emptied hash list cannot
     switch verification off. Raises :class:`BundleError`.
     """
-    for kind, part in (("tokenizer", manifest.tokenizer), ("embed", manifest.embed)):
+    parts = [("tokenizer", manifest.tokenizer)]
+    if manifest.kind != "retrieval":  # retrieval bundles embed text in their text_encoder graph
+        parts.append(("embed", manifest.embed))
+    for kind, part in parts:
         if not isinstance(part, dict) or not isinstance(part.get("sha256"), str):
             raise BundleError(f"{bundle_dir}: {kind} entry has no sha256 (refused)")
         bundle_path(bundle_dir, part.get("file"), kind)

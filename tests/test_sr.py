@@ -109,7 +109,7 @@ def test_sr_without_box_or_mask(dicom_study, tmp_path):
 
 
 def test_sr_from_a_source_without_type2_attributes(tmp_path):
-    folder = write_phantom_series(tmp_path / "ph", slices=6, rows=32, cols=32)
+    folder = write_phantom_series(tmp_path / "ph", slices=8, rows=32, cols=32)
     for f in sorted(folder.glob("*.dcm")):
         ds = pydicom.dcmread(f)
         for key in TYPE2:
@@ -180,7 +180,7 @@ def test_batch_format_sr(tiny_bundles, tmp_path):
 
 
 def test_sr_from_a_latin1_source_is_utf8(tmp_path):
-    folder = write_phantom_series(tmp_path / "ph", slices=4, rows=16, cols=16)
+    folder = write_phantom_series(tmp_path / "ph", slices=8, rows=16, cols=16)
     for f in sorted(folder.glob("*.dcm")):
         ds = pydicom.dcmread(f)
         ds.SpecificCharacterSet, ds.PatientName = "ISO_IR 100", "Müller^Jörg"

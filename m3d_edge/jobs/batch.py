@@ -172,7 +172,7 @@ def _run_locked(pipe, root, out, studies, ask_kwargs, formats, previewer, emit, 
         "skipped": skipped,
         "recomputed": recomputed,
         "failed": failed,
-        "not_studies": len(ignored) if privacy else list(ignored),
+        "not_studies": ["<withheld>"] * len(ignored) if privacy else list(ignored),  # names can identify
         "seconds": time.perf_counter() - t_start,
         "mean_seconds_per_study": sum(seconds) / len(seconds) if seconds else None,
         "entries": entries,

@@ -27,15 +27,13 @@ def write_result(
     """
     import json
 
-    from m3d_edge.runtime.outputs import DEFAULT_FORMATS, write_outputs
+    from m3d_edge.runtime.outputs import applicable_formats, write_outputs
 
     clear_outputs(folder)
     if key is not None:
         result.provenance = {**result.provenance, "job": {"key": key}}
-    asked = formats if formats is not None else DEFAULT_FORMATS
+    asked = formats if formats is not None else applicable_formats(result)
     files = tuple(f for f in asked if f != "json" and not (privacy and f in ("seg", "sr")))
-    if formats is None and privacy is None:
-        files = None  # each format that applies (see write_outputs)
     if privacy is not None and "seg" in asked and result.mask is not None:
         result.notes.append("DICOM SEG not written: privacy mode (a SEG carries the source's patient data)")
     written = write_outputs(

@@ -19,7 +19,7 @@ from m3d_edge.fileio import atomic_write_text
 from m3d_edge.runtime.result import Result
 
 FORMATS = ("json", "nifti", "seg", "sr")
-DEFAULT_FORMATS = ("json", "nifti", "seg")
+DEFAULT_FORMATS = ("json", "nifti", "seg")  # asked for when no formats are named: each that applies
 _STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -62,6 +62,14 @@ def segment_label(result: Result) -> str:
 
 def _kind(result: Result) -> str:
     return str(getattr(result.study, "kind", None) or "array")
+
+
+def applicable_formats(result: Result) -> tuple[str, ...]:
+    """The default formats that apply to ``result``: ``seg`` only for a DICOM series that was not resampled."""
+    study = result.study
+    dicom = study is not None and getattr(study, "kind", None) == "dicom"
+    seg = dicom and not getattr(study, "resampled", False)
+    return tuple(f for f in DEFAULT_FORMATS if f != "seg" or seg)
 
 
 def write_outputs(

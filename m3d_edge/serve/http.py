@@ -480,10 +480,11 @@ def _ask_job(
 
 def _write_files(pipe: Any, result: Any, out: Path, preview: bool) -> dict[str, Any]:
     """Mask NIfTI / DICOM SEG (and the preview) into the result folder, result.json last (atomic files)."""
-    from m3d_edge.runtime.outputs import write_outputs
+    from m3d_edge.runtime.outputs import applicable_formats, write_outputs
 
     meta = {"bundle_id": pipe.manifest.bundle_id, "bundle_version": pipe.manifest.producer}
-    write_outputs(result, out, formats=("nifti", "seg"), **meta)
+    files = tuple(f for f in applicable_formats(result) if f != "json")  # JSON last, after the preview
+    write_outputs(result, out, formats=files, **meta)
     if preview:
         from m3d_edge.runtime.report import render_montage, write_study_report
 
