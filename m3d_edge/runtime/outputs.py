@@ -93,7 +93,7 @@ def write_outputs(
     :mod:`m3d_edge.runtime.imaging.sr`.
     """
     explicit = formats is not None
-    formats = tuple(formats) if formats is not None else DEFAULT_FORMATS
+    formats = tuple(formats) if formats is not None else applicable_formats(result)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise PromptError(f"unknown output format(s) {', '.join(unknown)} (choose from {', '.join(FORMATS)})")
