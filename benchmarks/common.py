@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: machine noise, medians, result files (DESIGN §9)."""
+"""Helpers shared by the benchmark scripts: machine noise, medians, result files (docs/architecture.md §8)."""
 
 from __future__ import annotations
 

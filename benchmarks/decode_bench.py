@@ -1,4 +1,4 @@
-"""Decode tokens/s and time to first token: m3d-edge runtime vs PyTorch eager (issue 3, DESIGN §9).
+"""Decode tokens/s and time to first token: m3d-edge runtime vs PyTorch eager (issue 3, docs/architecture.md §8).
 
     python benchmarks/decode_bench.py --ckpt CKPT --bundle BUNDLE [--runs 3] [--threads 2]
 

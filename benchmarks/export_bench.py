@@ -1,4 +1,4 @@
-"""Export time and peak memory of a bench-size model (DESIGN §9 "bench"); issue 2's benchmark.
+"""Export time and peak memory of a bench-size model (docs/architecture.md §8 "bench"); issue 2's benchmark.
 
     python benchmarks/export_bench.py [--preset bench] [--work /tmp/m3d-bench]
 

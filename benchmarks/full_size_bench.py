@@ -1,5 +1,5 @@
 """Full-size M3D-LaMed (released dims, random weights): export cost, the pipeline on the real chest CT,
-decode against the bandwidth roofline, and PyTorch eager on the same weights (issue 13, DESIGN §9).
+decode against the bandwidth roofline, and PyTorch eager on the same weights (issue 13, docs/architecture.md §8).
 
     python benchmarks/full_size_bench.py export --ckpt CKPT --out BUNDLE --precision int4 --name phi3
     python benchmarks/full_size_bench.py run --bundle BUNDLE --name phi3-int4        # m3d-edge run on the CT

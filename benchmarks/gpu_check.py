@@ -6,8 +6,8 @@
 Sized for one device call of under 8 minutes on a fresh GPU machine (16 cores): it first checks that
 ``tensorrt``, ``cuda-python`` and a GPU are there and stops within seconds, saying what is missing, when they
 are not. Then, unless ``--bundle`` is given, it makes the bench-size bundle on the machine itself (a 1.4 GB
-bundle cannot travel: the carry limit is 64 MiB) from the tiny-checkpoint writer (``bench`` preset, DESIGN
-§9) and the exporter, plus symmetric INT8 QDQ variants of the two encoders for the int8 engines.
+bundle cannot travel: the carry limit is 64 MiB) from the tiny-checkpoint writer (``bench`` preset, docs/architecture.md
+§8) and the exporter, plus symmetric INT8 QDQ variants of the two encoders for the int8 engines.
 
 Gates (exit 1 when one fails): FP32 engines give the reference's greedy tokens exactly; FP16 and INT8
 engines agree with them on >= 97% of steps when fed the reference tokens (teacher forced; the free-running

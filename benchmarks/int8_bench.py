@@ -1,14 +1,14 @@
-"""INT8/INT4 benchmark on a bench-size bundle (DESIGN §9): calibrate, then measure speed and accuracy.
+"""INT8/INT4 benchmark on a bench-size bundle (docs/architecture.md §8): calibrate, then measure speed and accuracy.
 
     python benchmarks/int8_bench.py --work /tmp/int8bench            # exports the bench bundle if missing
     python benchmarks/int8_bench.py --bundle /tmp/int8bench/bundle   # reuse an exported bench bundle (copied)
 
 One process: ``calibrate_bundle`` (forced, so every variant stays measurable; the gate verdicts are recorded)
 on the real CT volumes in ``../shared/data/ct`` (lung1 NRRD -> NIfTI, cranium HU -> NIfTI; augmented with
-flips/crops to the sample count), then the DESIGN §9 protocol per configuration: a 280-token prompt
+flips/crops to the sample count), then the docs/architecture.md §8 protocol per configuration: a 280-token prompt
 (BOS + 256 image tokens + question), 64 new greedy tokens, batch 1, 2 threads, one warm-up, median of
 ``--repeats`` runs, each run on a fresh study state (so TTFT includes the vision encoder). The configurations
-are interleaved in one process (not one process each as DESIGN §9 asks: the machine is shared and its load
+are interleaved in one process (not one process each as docs/architecture.md §8 asks: the machine is shared and its load
 drifts over minutes, so same-time ratios are the steadier figure). Before each run the script waits (up to
 60 s) for other processes to use < 0.3 cores; the load during each run is read from /proc/stat and a run
 disturbed by > 0.5 cores is repeated once. ORT profiles show which kernels ran.
@@ -120,7 +120,7 @@ def wait_quiet(limit: float = 0.3, max_wait: float = 60.0) -> float:
 def protocol(
     bundle: Path, configs: dict[str, dict[str, str]], volume: np.ndarray, repeats: int, threads: int
 ):
-    """DESIGN §9, configurations interleaved (fp32, int8, int4, fp32, ...) so machine load hits each alike.
+    """docs/architecture.md §8, configurations interleaved (fp32, int8, int4, fp32, ...) so machine load hits each alike.
 
     Each run is a fresh study (vision runs, no KV prefix reuse); one warm-up round; a run disturbed by
     other processes (more than 0.5 cores) is repeated once.

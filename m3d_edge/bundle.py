@@ -1,4 +1,4 @@
-"""The bundle contract: the only thing that crosses from export to runtime (DESIGN §3).
+"""The bundle contract: the only thing that crosses from export to runtime (docs/architecture.md §3).
 
 A bundle is a directory with ``manifest.json``, ``tokenizer.json``, the token embedding table and the ONNX
 graphs. Each graph's inputs and outputs are declared once here (:func:`graph_specs`); the exporter derives
@@ -147,7 +147,7 @@ def decoder_spec(dims: ModelDims, standard: bool = False) -> GraphSpec:
 
 
 def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
-    """Every graph the ONNX Runtime backend runs, declared once (DESIGN §3); the decoder is the fused one."""
+    """Every graph the ONNX Runtime backend runs, declared once (docs/architecture.md §3); the decoder is the fused one."""
     image = TensorSpec("image", "float32", ("batch", 1, *dims.image_size))
     grid = dims.feature_grid
     seg_embedding = TensorSpec("image_embedding", "float32", ("batch", dims.seg_hidden, *grid))

@@ -1,4 +1,4 @@
-"""The one exception hierarchy of m3d-edge (DESIGN §7).
+"""The one exception hierarchy of m3d-edge (docs/architecture.md §7).
 
 Every error a user can cause derives from :class:`M3DEdgeError`; the CLI turns each family into one
 readable line and its own exit code. Messages name the file, series or graph and the cause.

@@ -1,4 +1,4 @@
-"""INT8/INT4 calibration: calibration data, quantizers, accuracy reports and gates (DESIGN §6).
+"""INT8/INT4 calibration: calibration data, quantizers, accuracy reports and gates (docs/architecture.md §6).
 
 ``calibrate_bundle("bundle/", "studies/", method="minmax", samples=8)`` quantizes the bundle's graphs,
 writes ``calibration/<graph>.<precision>.json`` reports and records the variants that pass their gate in

@@ -1,6 +1,6 @@
 """The quantizers: static symmetric INT8 QDQ for the encoders, weight-only MatMulNBits for the decoder.
 
-Encoders (DESIGN §6): ``quantize_static`` in QDQ format, S8S8 (activations and weights ``QInt8``), symmetric
+Encoders (docs/architecture.md §6): ``quantize_static`` in QDQ format, S8S8 (activations and weights ``QInt8``), symmetric
 activations and weights (every zero point is 0, what TensorRT consumes), per-channel weights (output channel
 axis 1 of a MatMul's ``[K, N]`` weight), op types restricted to MatMul/Gemm: quantizing the inputs of Add,
 Softmax or the normalizations destroys the ViT (PITFALLS); MatMul outputs stay float too, so the bias Add

@@ -1,4 +1,4 @@
-"""``m3d-edge bench``: per-graph latency percentiles, TTFT and decode speed of a bundle (DESIGN §9).
+"""``m3d-edge bench``: per-graph latency percentiles, TTFT and decode speed of a bundle (docs/architecture.md §8).
 
 The prompt follows the benchmark protocol: BOS + 256 image tokens + a caption question, greedy, a fixed
 number of new tokens (eos ignored so every run decodes the same count), a CT-like volume (never noise).

@@ -1,4 +1,4 @@
-"""Bundle graphs -> TensorRT plans, per GPU, TensorRT version and precision (DESIGN §3, §5, §6).
+"""Bundle graphs -> TensorRT plans, per GPU, TensorRT version and precision (docs/architecture.md §3, §6).
 
     infos = build_engines("bundle/", fp16=True, int8=True)
 

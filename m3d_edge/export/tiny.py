@@ -2,7 +2,7 @@
 
 The demo, the tests and the benchmarks use them: ``config.json`` with the released fields, sharded
 safetensors with ``model.safetensors.index.json``, a SentencePiece tokenizer with the M3D added tokens at
-the released ids and ``generation_config.json``. Presets (DESIGN §9): ``tiny`` (seconds on a laptop),
+the released ids and ``generation_config.json``. Presets (docs/architecture.md §8): ``tiny`` (seconds on a laptop),
 ``bench`` (real ViT-B encoders, a 1024x8 Phi-3-shaped decoder), ``wide`` (Phi-3-mini width, 2 layers) and
 ``full`` (the released sizes: 16 GB Phi-3-4B, 28 GB Llama-2-7B, streamed to disk shard by shard).
 The released configs carry no ViT sizes; ours add ``vit_*`` fields only when they differ from ViT-B.
@@ -122,7 +122,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vit": {},
         "decoder_std": 0.2,
     },
-    # the released sizes (DESIGN §1), written shard by shard (:mod:`m3d_edge.export.full_checkpoint`)
+    # the released sizes (docs/architecture.md §1), written shard by shard (:mod:`m3d_edge.export.full_checkpoint`)
     "full": {
         "decoder": {
             "phi3": {

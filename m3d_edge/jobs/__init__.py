@@ -1,4 +1,4 @@
-"""The one batch engine (DESIGN §10): study discovery, result keys, resume, lock, error log, privacy mode.
+"""The one batch engine (docs/architecture.md §2): study discovery, result keys, resume, lock, error log, privacy mode.
 
 Local ``m3d-edge batch``, Ray batch, ``index build`` and the DICOM node are thin adapters over
 :func:`run_batch`; this package holds no CLI code (progress is reported through a callback).

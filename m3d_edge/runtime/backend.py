@@ -1,4 +1,4 @@
-"""The session protocol (DESIGN §5) and its ONNX Runtime implementation.
+"""The session protocol (docs/architecture.md §6) and its ONNX Runtime implementation.
 
 A :class:`GraphSession` runs one graph: ``run(inputs) -> outputs`` with named numpy tensors, or
 ``run_bound(inputs, outputs)`` which binds caller-owned, preallocated numpy buffers to both sides through

@@ -1,4 +1,4 @@
-"""Study + question -> answer, box and mask, stitched from the bundle's graphs (DESIGN §4).
+"""Study + question -> answer, box and mask, stitched from the bundle's graphs (docs/architecture.md §4).
 
     pipe = Pipeline.open("bundle/")
     result = pipe.ask("ct_folder/", task="segment", target="liver")

@@ -1,4 +1,4 @@
-"""The interface the generation loop talks to (DESIGN §5), one ``typing.Protocol`` per role.
+"""The interface the generation loop talks to (docs/architecture.md §6), one ``typing.Protocol`` per role.
 
 ONNX Runtime implements it in :mod:`m3d_edge.runtime.backend` (:class:`GraphSession`) and
 :mod:`m3d_edge.runtime.generate` (:class:`Decoder`, :class:`KVCache`); TensorRT in

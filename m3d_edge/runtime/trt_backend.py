@@ -1,4 +1,4 @@
-"""Native TensorRT backend (DESIGN §5): plans built by :mod:`m3d_edge.export.engines`, run with
+"""Native TensorRT backend (docs/architecture.md §6): plans built by :mod:`m3d_edge.export.engines`, run with
 ``tensorrt`` + ``cuda-python`` and no torch.
 
 Layout of the engine cache inside a bundle::

@@ -1,4 +1,4 @@
-"""Services over the runtime (DESIGN §10): the HTTP API (``m3d-edge serve``)
+"""Services over the runtime (docs/architecture.md §2): the HTTP API (``m3d-edge serve``)
 and the DICOM node (``serve.dicom_node``, ``m3d-edge listen``).
 
     from m3d_edge.serve import ServeConfig, create_app

@@ -1,4 +1,4 @@
-"""The HTTP API of ``m3d-edge serve``: a FastAPI app over one :class:`Pipeline` (DESIGN §10).
+"""The HTTP API of ``m3d-edge serve``: a FastAPI app over one :class:`Pipeline` (docs/architecture.md §2).
 
     app = create_app(config)            # loads the bundle in the background (see /readyz)
     app = create_app(config, pipeline)  # or serve a pipeline already open

@@ -1,4 +1,4 @@
-"""Batch on Ray Data: the local batch's per-study work spread over a cluster (DESIGN §10).
+"""Batch on Ray Data: the local batch's per-study work spread over a cluster (docs/architecture.md §2).
 
     from m3d_edge.serve.ray_batch import RayBatchOptions, run_ray_batch
     summary = run_ray_batch("bundle/", Path("studies"), Path("results"), {"task": "report"}, ("json",),
