@@ -86,12 +86,15 @@ def run_batch(
         )
 
 
-def _run_locked(pipe, root, out, studies, ask_kwargs, formats, previewer, emit, reraise, private, ignored=()):
+def prepare_run(
+    out: Path, run_key: dict[str, Any], private: bool, emit: Callable[[BatchEvent], None]
+) -> Privacy | None:
+    """Start a run in a locked ``out``: drop stale partials, set up privacy, note a changed request, reset
+    the error log. Shared by local and Ray batch; returns the privacy mode (``None`` when off)."""
     cleaned = remove_stale_partials(out)
     if cleaned:
         emit(BatchEvent("note", message=f"removed {cleaned} partial file(s) left by an interrupted run"))
-    privacy = Privacy(out) if private else None
-    run_key = request_key(pipe, ask_kwargs, formats)
+    privacy = Privacy(out) if private else None  # creates the key once, before any worker reads it
     old = _previous_key(out)
     if old is not None and old != run_key:
         emit(
@@ -102,6 +105,12 @@ def _run_locked(pipe, root, out, studies, ask_kwargs, formats, previewer, emit, 
             )
         )
     reset_log(out)
+    return privacy
+
+
+def _run_locked(pipe, root, out, studies, ask_kwargs, formats, previewer, emit, reraise, private, ignored=()):
+    run_key = request_key(pipe, ask_kwargs, formats)
+    privacy = prepare_run(out, run_key, private, emit)
     entries: list[dict[str, Any]] = []
     ok = skipped = failed = recomputed = 0
     seconds: list[float] = []

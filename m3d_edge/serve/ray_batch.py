@@ -32,14 +32,13 @@ from typing import Any
 
 from m3d_edge.errors import BackendError, M3DEdgeError, StudyError
 from m3d_edge.fileio import atomic_write_text
-from m3d_edge.jobs.batch import SUMMARY_NAME, BatchEvent, _previous_key
+from m3d_edge.jobs.batch import SUMMARY_NAME, BatchEvent, prepare_run
 from m3d_edge.jobs.discovery import check_out, discover, output_folder_name
-from m3d_edge.jobs.error_log import error_message, is_full, log_error, output_failure, reset_log
+from m3d_edge.jobs.error_log import error_message, is_full, log_error, output_failure
 from m3d_edge.jobs.lock import OutputLock
 from m3d_edge.jobs.outputs import write_result
-from m3d_edge.jobs.partials import remove_stale_partials
 from m3d_edge.jobs.privacy import ENV_KEY, Privacy
-from m3d_edge.jobs.resume import check_done, differences, normalize, request_key
+from m3d_edge.jobs.resume import check_done, normalize, request_key
 
 
 class Carried:
@@ -251,20 +250,7 @@ def _run_locked(
     import ray.data
     from ray.data import DataContext
 
-    cleaned = remove_stale_partials(out)
-    if cleaned:
-        emit(BatchEvent("note", message=f"removed {cleaned} partial file(s) left by an interrupted run"))
-    privacy = Privacy(out) if private else None  # creates the key once, before any worker reads it
-    old = _previous_key(out)
-    if old is not None and old != run_key:
-        emit(
-            BatchEvent(
-                "note",
-                message=f"{out / SUMMARY_NAME}: replacing the summary of an earlier run with a different "
-                f"{', '.join(differences(old, run_key))}; studies it wrote are recomputed",
-            )
-        )
-    reset_log(out)
+    privacy = prepare_run(out, run_key, private, emit)
     rows = []
     for i, (name, path) in enumerate(studies):
         folder = privacy.alias(name) if privacy else output_folder_name(name)
