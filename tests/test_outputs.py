@@ -49,7 +49,7 @@ def make_result(study=None, record=None, volume=None, *, mask=True, box=BOX, tas
 def test_schema_with_dicom_study(dicom_study, tmp_path):
     study, volume, record = dicom_study
     r = make_result(study, record, volume)
-    paths = write_outputs(r, tmp_path, bundle_id="m3d-test", bundle_version="0.1.0", stem="case")
+    paths = write_outputs(r, tmp_path, stem="case")
     assert set(paths) == {"json", "nifti", "seg"}
     d = json.loads((tmp_path / "case.json").read_text())
     assert d["schema"] == RESULT_SCHEMA
@@ -79,7 +79,7 @@ def test_schema_with_dicom_study(dicom_study, tmp_path):
 
 def test_array_input_uses_the_model_grid(tmp_path):
     r = make_result(volume=np.zeros((32, 256, 256), np.float32))
-    paths = write_outputs(r, tmp_path, bundle_id="b", bundle_version="v")
+    paths = write_outputs(r, tmp_path)
     assert set(paths) == {"json", "nifti"}
     d = json.loads((tmp_path / "result.json").read_text())
     assert d["study"]["kind"] == "array" and d["study"]["series_instance_uid"] is None
@@ -92,15 +92,13 @@ def test_array_input_uses_the_model_grid(tmp_path):
 
 def test_no_mask_no_box_and_formats(tmp_path):
     r = make_result(mask=False, box=None, task="report")
-    assert write_outputs(r, tmp_path, formats=("json",), bundle_id="b", bundle_version="v") == {
-        "json": str(tmp_path / "result.json")
-    }
+    assert write_outputs(r, tmp_path, formats=("json",)) == {"json": str(tmp_path / "result.json")}
     d = json.loads((tmp_path / "result.json").read_text())
     assert d["box"] is None and d["mask"] is None and d["target"] is None
     with pytest.raises(PromptError):
-        write_outputs(r, tmp_path, formats=("png",), bundle_id="b", bundle_version="v")
+        write_outputs(r, tmp_path, formats=("png",))
     with pytest.raises(PromptError):
-        write_outputs(r, tmp_path, stem="../evil", bundle_id="b", bundle_version="v")
+        write_outputs(r, tmp_path, stem="../evil")
 
 
 def test_segment_label_and_names():

@@ -41,7 +41,7 @@ def test_seg_written_without_type2_attributes(deidentified, tmp_path):
     study, volume, record = deidentified
     assert all(k not in study.source_datasets[0] for k in DROPPED)
     r = make_result(study, record, volume)
-    paths = write_outputs(r, tmp_path, bundle_id="b", bundle_version="v")
+    paths = write_outputs(r, tmp_path)
     assert set(paths) == {"json", "nifti", "seg"}
     seg = pydicom.dcmread(paths["seg"])
     for k in DROPPED:
@@ -66,7 +66,7 @@ def test_segments_carry_snomed_codes_and_a_colour(deidentified, tmp_path, label,
     study, volume, record = deidentified
     r = make_result(study, record, volume)
     r.target = label
-    seg = pydicom.dcmread(write_outputs(r, tmp_path, bundle_id="b", bundle_version="v")["seg"])
+    seg = pydicom.dcmread(write_outputs(r, tmp_path)["seg"])
     s = _segment(seg)
     assert s.SegmentLabel == label
     assert s.SegmentedPropertyCategoryCodeSequence[0].CodeValue == category
@@ -84,10 +84,10 @@ def test_segments_carry_snomed_codes_and_a_colour(deidentified, tmp_path, label,
 def test_asked_for_seg_that_cannot_be_written_fails_loudly(tmp_path):
     r = make_result(volume=np.zeros((32, 256, 256), np.float32))  # an array: no DICOM source
     with pytest.raises(StudyError, match="DICOM SEG not written: the study is not DICOM"):
-        write_outputs(r, tmp_path, formats=("json", "nifti", "seg"), bundle_id="b", bundle_version="v")
+        write_outputs(r, tmp_path, formats=("json", "nifti", "seg"))
     assert not (tmp_path / "result.json").exists()  # no JSON: the result is not complete on disk
     # asking for what applies (the default) is not an error: the SEG does not apply to an array
-    assert set(write_outputs(r, tmp_path / "auto", bundle_id="b", bundle_version="v")) == {"json", "nifti"}
+    assert set(write_outputs(r, tmp_path / "auto")) == {"json", "nifti"}
 
 
 def test_batch_with_an_unwritable_seg_exits_non_zero(tiny_bundles, tmp_path):

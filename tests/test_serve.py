@@ -209,11 +209,10 @@ def local_ask(pipe, study: Path, task: str, **extra):
     from m3d_edge.runtime.outputs import write_outputs
 
     force = extra.pop("force_seg", False)
-    params = SamplingParams(logit_bias={pipe.seg_id: 40.0} if force else {})
+    params = SamplingParams(logit_bias=pipe.seg_bias(force))
     if "box" in extra:
         extra["box"] = tuple(extra["box"])
     result = pipe.ask(study, task=task, max_new_tokens=NEW, sampling=params, **extra)
-    result.target = extra.get("target")
     if result.mask is not None:
         write_outputs(result, tempfile.mkdtemp(prefix="serve-local-"))
     return result

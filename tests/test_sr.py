@@ -63,7 +63,8 @@ def test_sr_with_box_and_seg_is_valid_and_reads_back(dicom_study, tmp_path):
     r = make_result(study, record, volume)
     r.text = "The liver is segmented. [SEG]"
     r.provenance["precision"] = {"vision": "fp32", "decoder": "int8"}
-    paths = write_outputs(r, tmp_path, formats=("json", "seg", "sr"), bundle_id="m3d-test", stem="case")
+    r.provenance["bundle_id"] = "m3d-test"
+    paths = write_outputs(r, tmp_path, formats=("json", "seg", "sr"), stem="case")
     assert set(paths) == {"json", "seg", "sr"} and paths["sr"] == str(tmp_path / "case_sr.dcm")
     assert dciodvfy_errors(paths["sr"]) == []
 
@@ -131,14 +132,12 @@ def test_sr_refusals(dicom_study, tmp_path):
     study, volume, record = dicom_study
     arr = make_result(volume=np.zeros((32, 256, 256), np.float32), mask=False)
     with pytest.raises(StudyError, match=r"DICOM SR not written: the study is not DICOM \(array\)"):
-        write_outputs(arr, tmp_path, formats=("json", "sr"), bundle_id="b")  # asked for, cannot be written
+        write_outputs(arr, tmp_path, formats=("json", "sr"))  # asked for, cannot be written
     assert not (tmp_path / "result.json").exists()  # no DICOM source: nothing to reference, no JSON
     (tmp_path / "junk.dcm").write_bytes(b"not dicom")
     with pytest.raises(StudyError, match=r"junk\.dcm: cannot read a DICOM SR"):
         read_dicom_sr(tmp_path / "junk.dcm")
-    seg_only = write_outputs(
-        make_result(study, record, volume), tmp_path / "s", formats=("seg",), bundle_id="b"
-    )
+    seg_only = write_outputs(make_result(study, record, volume), tmp_path / "s", formats=("seg",))
     with pytest.raises(StudyError, match="cannot read a DICOM SR"):
         read_dicom_sr(seg_only["seg"])
 

@@ -34,7 +34,6 @@ PROMPT_SUITE: tuple[tuple[str, str | None], ...] = (
 SEG_SUITE: tuple[tuple[str, str], ...] = (("segment", "liver"), ("refer_segment", "The largest organ."))
 NEW_TOKENS = 64
 SEG_TOKENS = 4
-SEG_BIAS = 40.0
 
 
 # -- metrics --------------------------------------------------------------------------------------
@@ -134,7 +133,7 @@ def run_pipeline(
     teacher: list[list[int]] | None = None,
 ) -> Outputs:
     out = Outputs()
-    seg_params = SamplingParams(logit_bias={pipe.seg_id: SEG_BIAS})
+    seg_params = SamplingParams(logit_bias=pipe.seg_bias())
     for i, volume in enumerate(volumes):
         if seed_from is not None and (seed_vision or seed_seg):
             _seed(

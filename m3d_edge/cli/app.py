@@ -200,7 +200,7 @@ ForceSegOpt = typer.Option(
 
 
 def _seg_bias(pipe: Any, force_seg: bool) -> dict[int, float]:
-    return {pipe.seg_id: 40.0} if force_seg else {}
+    return pipe.seg_bias(force_seg)
 
 
 # ------------------------------------------------------------------------------------------ demo
@@ -243,19 +243,12 @@ def demo(
     questions = [
         ("report", {"task": "report"}, None),
         ("locate", {"task": "locate", "target": "liver"}, None),
-        ("segment", {"task": "segment", "target": "liver"}, SamplingParams(logit_bias={pipe.seg_id: 40.0})),
+        ("segment", {"task": "segment", "target": "liver"}, SamplingParams(logit_bias=pipe.seg_bias())),
     ]
     results, rows = [], []
     for stem, kwargs, sampling in questions:
         result = pipe.ask(phantom, max_new_tokens=max_new_tokens, sampling=sampling, **kwargs)
-        result.target = kwargs.get("target")
-        write_outputs(
-            result,
-            results_dir,
-            bundle_id=pipe.manifest.bundle_id,
-            bundle_version=pipe.manifest.producer,
-            stem=stem,
-        )
+        write_outputs(result, results_dir, stem=stem)
         show_result(result, title=f"{stem}")
         results.append(result)
         rows.append((stem, result.timings_dict()))
@@ -622,7 +615,6 @@ def run(
         allow_resample=allow_resample,
         **request,
     )
-    result.target = request["target"]
     if stream:
         (sys.stderr if as_json else sys.stdout).write("\n")
     warn_study(result.study)
@@ -740,17 +732,10 @@ def chat(
                 sys.stdout.write("\n")
                 note("answer stopped (Ctrl-C); ask again, or /quit")
                 continue
-            result.target = request["target"]
             sys.stdout.write("\n")
             turn += 1
             if out is not None:
-                write_outputs(
-                    result,
-                    out,
-                    bundle_id=pipe.manifest.bundle_id,
-                    bundle_version=pipe.manifest.producer,
-                    stem=f"turn-{turn}",
-                )
+                write_outputs(result, out, stem=f"turn-{turn}")
             extra = []
             if result.box:
                 extra.append(f"box {result.box}")

@@ -13,11 +13,4 @@ def write_run_outputs(
 ) -> dict[str, str]:
     """``run --out``: replace the folder's previous result (mask and SEG included) with this one."""
     privacy = Privacy(out) if private_enabled(private) else None
-    return write_result(
-        result,
-        Path(out),
-        formats,
-        bundle_id=pipe.manifest.bundle_id,
-        bundle_version=pipe.manifest.producer,
-        privacy=privacy,
-    )
+    return write_result(result, Path(out), formats, privacy=privacy)

@@ -146,8 +146,6 @@ def _run_locked(pipe, root, out, studies, ask_kwargs, formats, previewer, emit, 
                 result,
                 study_out,
                 formats,
-                bundle_id=pipe.manifest.bundle_id,
-                bundle_version=pipe.manifest.producer,
                 key=key,
                 privacy=privacy,
             )

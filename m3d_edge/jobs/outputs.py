@@ -15,8 +15,6 @@ def write_result(
     folder: Path,
     formats: tuple[str, ...] | None,
     *,
-    bundle_id: str,
-    bundle_version: str,
     key: dict[str, Any] | None = None,
     privacy: Privacy | None = None,
 ) -> dict[str, str]:
@@ -36,9 +34,7 @@ def write_result(
     files = tuple(f for f in asked if f != "json" and not (privacy and f in ("seg", "sr")))
     if privacy is not None and "seg" in asked and result.mask is not None:
         result.notes.append("DICOM SEG not written: privacy mode (a SEG carries the source's patient data)")
-    written = write_outputs(
-        result, folder, formats=files, bundle_id=bundle_id, bundle_version=bundle_version, stem="result"
-    )
+    written = write_outputs(result, folder, formats=files, stem="result")
     json_path = folder / RESULT_NAME
     result.outputs["json"] = str(json_path)
     written["json"] = str(json_path)

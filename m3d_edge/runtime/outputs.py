@@ -1,7 +1,6 @@
 """Write a :class:`~m3d_edge.runtime.result.Result` to disk: JSON, NIfTI mask, DICOM SEG, DICOM SR.
 
-    paths = write_outputs(result, "out/", bundle_id=pipe.manifest.bundle_id,
-                          bundle_version=pipe.manifest.producer)
+    paths = write_outputs(result, "out/")
 
 File names are fixed and derived from ``stem`` only (never from DICOM tag values):
 ``{stem}.json``, ``{stem}_mask.nii.gz``, ``{stem}_seg.dcm``, ``{stem}_sr.dcm``. Every file is written atomically and the
@@ -77,8 +76,6 @@ def write_outputs(
     out_dir: Path | str,
     *,
     formats: Iterable[str] | None = None,
-    bundle_id: str | None = None,
-    bundle_version: str | None = None,
     stem: str = "result",
 ) -> dict[str, str]:
     """Write the result's files into ``out_dir``; returns ``{format: path}`` of what was written.
@@ -102,8 +99,8 @@ def write_outputs(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = output_names(stem)
-    bundle_id = bundle_id or str(result.provenance.get("bundle_id", "m3d-edge"))
-    bundle_version = bundle_version or str(result.provenance.get("producer", "m3d-edge"))
+    bundle_id = str(result.provenance.get("bundle_id", "m3d-edge"))  # the SEG/SR creator: the bundle
+    bundle_version = str(result.provenance.get("producer", "m3d-edge"))
     if result.target is None:
         result.target = segment_label(result) if result.task in ("segment", "refer_segment") else None
     written: dict[str, str] = {}

@@ -26,6 +26,7 @@ from m3d_edge.errors import BundleError, GenerationError, PromptError, StudyErro
 from m3d_edge.runtime.backend import BackendOptions, GraphSession
 from m3d_edge.runtime.generate import Decoder, SamplingParams, generate
 from m3d_edge.runtime.prompts import (
+    SEG_FORCE_BIAS,
     SEG_TOKEN,
     build_prompt,
     parse_box,
@@ -354,7 +355,7 @@ class Pipeline:
             volume=state.image[0, 0],
             study=state.study,
             record=state.record,
-            target=target if task is not None else None,
+            target=target,
             prompt={"format": fmt, "separator": separator, "tokens": len(ids)},
         )
 
@@ -362,6 +363,10 @@ class Pipeline:
         """M3D's rule: mean hidden state of the positions that predicted [SEG], skipping the first token."""
         picks = [hidden[k] for k in range(1, len(tokens)) if tokens[k] == self.seg_id]
         return np.mean(picks, axis=0).astype(np.float32) if picks else None
+
+    def seg_bias(self, force: bool = True) -> dict[int, float]:
+        """The logit bias that makes the answer contain [SEG] (so a mask is produced), or none."""
+        return {self.seg_id: SEG_FORCE_BIAS} if force else {}
 
     def provenance(self) -> dict[str, Any]:
         return {

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from m3d_edge.errors import PromptError
 
 BOX_START, BOX_END, SEG_TOKEN = "<bx_start>", "<bx_end>", "[SEG]"
+SEG_FORCE_BIAS = 40.0  # logit bias on [SEG] that makes a segment answer carry the token (``--force-seg``)
 
 
 @dataclass(frozen=True)

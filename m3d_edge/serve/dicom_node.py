@@ -45,7 +45,7 @@ def answer_task(
     from m3d_edge.runtime.outputs import write_outputs
     from m3d_edge.runtime.prompts import TASKS
 
-    bias = {pipe.seg_id: 40.0} if cfg.force_seg and TASKS[spec.task].wants_mask else {}
+    bias = pipe.seg_bias(cfg.force_seg and TASKS[spec.task].wants_mask)
     result = pipe.ask(
         series_dir,
         task=spec.task,
@@ -53,14 +53,11 @@ def answer_task(
         max_new_tokens=cfg.max_new_tokens,
         sampling=SamplingParams(logit_bias=bias),
     )
-    result.target = spec.argument
     formats = ("json", *[k for k in ("seg", "sr") if k in cfg.outputs])
     return write_outputs(
         result,
         out_dir,
         formats=formats,
-        bundle_id=pipe.manifest.bundle_id,
-        bundle_version=pipe.manifest.producer,
         stem="result",
     )
 

@@ -457,14 +457,13 @@ def _ask_job(
             top_k=s.top_k,
             repetition_penalty=s.repetition_penalty,
             seed=s.seed,
-            logit_bias={pipe.seg_id: 40.0} if body.force_seg else {},
+            logit_bias=pipe.seg_bias(body.force_seg),
         )
         metrics.queue_wait.observe((job.started or time.monotonic()) - job.admitted)
         try:  # a Cancelled from on_text passes through: the worker turns it into 504/503/499
             result = pipe.ask(str(entry.input), sampling=params, on_text=job.on_text, **kwargs)
         except M3DEdgeError as exc:
             raise from_library(exc, state.scrub(entry)) from None
-        result.target = kwargs["target"]
         if job.first_text is not None and job.started is not None:
             metrics.ttft.observe(job.first_text - job.started)
         t = result.timings_dict()

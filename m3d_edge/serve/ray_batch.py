@@ -181,8 +181,6 @@ class StudyWorker:
                 result,
                 study_out,
                 self.formats,
-                bundle_id=self.pipe.manifest.bundle_id,
-                bundle_version=self.pipe.manifest.producer,
                 key=payload["key"],
                 privacy=self.privacy,
             )
