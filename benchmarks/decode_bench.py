@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Noise, machine, peak_rss_mb, save, summary, wait_for_quiet  # noqa: E402
+from common import Noise, machine, peak_rss_mb, save, summary, wait_for_quiet
 
 QUESTION = "What is the abnormality in the right lung and how large is it? Describe its location."
 NEW_TOKENS = 64
@@ -47,7 +47,7 @@ def load_volume() -> tuple[np.ndarray, str]:
         data, _ = nrrd.read(str(SHARED_CT))  # (x, y, z)
         hu = np.ascontiguousarray(np.transpose(data, (2, 1, 0))).astype(np.float32)
         return preprocess(hu)[0], "lung1 chest CT"
-    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in (48, 256, 256)), indexing="ij")
+    _z, y, x = np.meshgrid(*(np.linspace(-1, 1, n) for n in (48, 256, 256)), indexing="ij")
     hu = np.where(x**2 / 0.7 + y**2 / 0.4 < 1, 40.0, -1000.0) + np.where(
         (x - 0.3) ** 2 + y**2 < 0.05, 60.0, 0.0
     )

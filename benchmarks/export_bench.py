@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Noise, machine, peak_rss_mb, save  # noqa: E402
+from common import Noise, machine, peak_rss_mb, save
 
 
 def main() -> None:

@@ -168,7 +168,7 @@ def main() -> int:
     ids = pipe.prompt_ids(QUESTION)
     embeds = pipe.embed(ids, state.image_embeds)
     cache_len = len(ids) + args.new_tokens
-    ref, ref_total = greedy(pipe.decoder, cache_len, embeds, ids, args.new_tokens)
+    ref, _ref_total = greedy(pipe.decoder, cache_len, embeds, ids, args.new_tokens)
     seg_hidden = ref.hidden[-1][None].astype(np.float32)  # a fixed seg prompt: the last post-norm state
     seg_emb = pipe.sessions["seg_encoder"].run({"image": state.image})["image_embedding"]
     ref_mask = pipe.sessions["seg_decoder"].run({"image_embedding": seg_emb, "seg_hidden": seg_hidden})
@@ -232,10 +232,7 @@ def main() -> int:
             > 0
         )
         d = dice(ref_mask, mask)
-        if prec == "fp32":
-            passed = tokens == ref.tokens and d >= 0.95
-        else:
-            passed = forced >= 0.97 and d >= 0.95
+        passed = tokens == ref.tokens and d >= 0.95 if prec == "fp32" else forced >= 0.97 and d >= 0.95
         ok &= passed
         tps = statistics.median(decode_tps)
         avg_len = len(ids) + args.new_tokens / 2

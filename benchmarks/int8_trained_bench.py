@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, peak_rss_mb, save  # noqa: E402
+from common import machine, peak_rss_mb, save
 
 
 def main() -> None:

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Noise, machine, save, summary  # noqa: E402
+import itertools
+
+from common import Noise, machine, save, summary
 
 ASK = {"task": "report", "max_new_tokens": 8}
 
@@ -81,7 +83,7 @@ def timed(fn) -> dict:
         s = fn()
         dt = time.perf_counter() - t0
     assert s["ok"] == s["studies"], s
-    gaps = [b - a for a, b in zip(CLOCK[1:], CLOCK[2:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(CLOCK[1:])]
     return {
         "seconds": dt,
         "studies_per_s": s["studies"] / dt,

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Noise, machine, save, summary, wait_for_quiet  # noqa: E402
+from common import Noise, machine, save, summary, wait_for_quiet
 
 DIM = 768
 QUIET_WAIT = 8.0  # seconds to wait for a quieter machine before each measurement (load is recorded)
@@ -110,10 +110,7 @@ def chunks(n: int, clusters: int, seed: int, chunk: int = 100_000):
         m = min(chunk, n - start)
         g = np.random.default_rng((seed, start))
         noise = g.standard_normal((m, DIM)).astype(np.float32)
-        if clusters:
-            v = centres[g.integers(0, clusters, m)] + noise * (0.9 / np.sqrt(DIM))
-        else:
-            v = noise
+        v = centres[g.integers(0, clusters, m)] + noise * (0.9 / np.sqrt(DIM)) if clusters else noise
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         yield start, v
 

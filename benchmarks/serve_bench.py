@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Noise, save, wait_for_quiet  # noqa: E402
+from common import Noise, save, wait_for_quiet
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "What is the abnormality in the right lung and how large is it? Describe its location."
@@ -51,7 +51,7 @@ def cpu_name() -> str:
 
 def pct(values: list[float], q: float) -> float:
     v = sorted(values)
-    return v[min(len(v) - 1, max(0, int(round(q / 100 * (len(v) - 1)))))]
+    return v[min(len(v) - 1, max(0, round(q / 100 * (len(v) - 1))))]
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -111,7 +111,7 @@ def start_server(bundle: Path, folder: Path, cache_mb: float, threads: int):
     )
     cmd = [sys.executable, "-m", "m3d_edge.cli.app", "serve", str(bundle), "--port", str(port)]
     cmd += ["--max-queue", "64", "--cache-mb", str(cache_mb), "--threads", str(threads), "--timeout", "3600"]
-    log = open(folder / f"server-{port}.log", "wb")
+    log = open(folder / f"server-{port}.log", "wb")  # noqa: SIM115 (the server writes to it until stopped)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):

@@ -68,7 +68,7 @@ def test_windows_and_record_json():
     hu, spacing, origin, _ = lung_volume()
     for name, (lo, hi) in WINDOWS.items():
         x, rec = preprocess(hu.astype(np.float32), window=name)
-        assert 0.0 <= x.min() and x.max() <= 1.0 + 1e-6
+        assert x.min() >= 0.0 and x.max() <= 1.0 + 1e-6
         assert rec.window == name and rec.clip == (lo, hi)
         back = PreprocessRecord.from_dict(json.loads(json.dumps(rec.to_dict())))
         assert back.to_dict() == rec.to_dict()

@@ -25,7 +25,7 @@ from m3d_edge.runtime.imaging.sr import (
 from m3d_edge.runtime.outputs import write_outputs
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_outputs import BOX, make_result  # noqa: E402
+from test_outputs import BOX, make_result
 
 TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "ReferringPhysicianName", "StudyID")
 TYPE2 += ("AccessionNumber", "StudyDate", "StudyTime")

@@ -36,7 +36,7 @@ def _peak(fn, *args, **kwargs):
     tracemalloc.start()
     try:
         out = fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - the caller checks it
+    except Exception as exc:
         out = exc
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()

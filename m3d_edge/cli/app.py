@@ -304,7 +304,7 @@ def tiny_checkpoint(
     family, preset = _v(family), _v(preset)
     t0 = time.perf_counter()
     if family == "clip":
-        from m3d_edge.cli.retrieval import tiny_clip as write_tiny_checkpoint  # noqa: F811
+        from m3d_edge.cli.retrieval import tiny_clip as write_tiny_checkpoint
     with console.status(f"writing a {preset} {family} checkpoint ...") as status:
 
         def progress(step: int, loss: float) -> None:

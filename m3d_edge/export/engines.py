@@ -281,9 +281,8 @@ def _build_plan(
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise ExportError(f"{src}: TensorRT could not build a {precision} engine (see the log above)")
-    with atomic_path(plan_path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(plan)
+    with atomic_path(plan_path) as tmp, open(tmp, "wb") as f:
+        f.write(plan)
     atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
 
 

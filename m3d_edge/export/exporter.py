@@ -261,9 +261,8 @@ def export_bundle(
         del module
 
     table = model.model.embed_tokens.weight.detach().numpy().astype(np.float32)
-    with atomic_path(out / EMBED_TABLE) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, table)
+    with atomic_path(out / EMBED_TABLE) as tmp, open(tmp, "wb") as f:
+        np.save(f, table)
     embed_shape = list(table.shape)
     del model, table
 

@@ -8,4 +8,4 @@ from m3d_edge.jobs.batch import BatchEvent, run_batch
 from m3d_edge.jobs.discovery import STUDY_SUFFIXES, discover
 from m3d_edge.jobs.partials import remove_stale_partials
 
-__all__ = ["BatchEvent", "STUDY_SUFFIXES", "discover", "remove_stale_partials", "run_batch"]
+__all__ = ["STUDY_SUFFIXES", "BatchEvent", "discover", "remove_stale_partials", "run_batch"]

@@ -380,4 +380,4 @@ class Pipeline:
         }
 
 
-__all__ = ["Pipeline", "Result", "SamplingParams", "SEG_TOKEN"]
+__all__ = ["SEG_TOKEN", "Pipeline", "Result", "SamplingParams"]

@@ -58,14 +58,9 @@ def sniff(head: bytes) -> str | None:
         return "npy"
     if head[:2] == b"\x1f\x8b":
         return "nii.gz"
-    if (
-        len(head) >= 4
-        and int.from_bytes(head[:4], "little") in (348, 540)
-        or head[:4]
-        in (
-            (348).to_bytes(4, "big"),
-            (540).to_bytes(4, "big"),
-        )
+    if (len(head) >= 4 and int.from_bytes(head[:4], "little") in (348, 540)) or head[:4] in (
+        (348).to_bytes(4, "big"),
+        (540).to_bytes(4, "big"),
     ):
         return "nii"
     if len(head) >= 132 and head[128:132] == b"DICM":

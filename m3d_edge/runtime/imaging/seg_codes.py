@@ -16,15 +16,90 @@ from dataclasses import dataclass
 from typing import Any
 
 _ABNORMAL = frozenset(
-    "Lesion Tumor Neoplasm Mass Nodule Cyst Metastasis Abscess Hematoma Hemorrhage Edema Effusion".split()
+    [
+        "Lesion",
+        "Tumor",
+        "Neoplasm",
+        "Mass",
+        "Nodule",
+        "Cyst",
+        "Metastasis",
+        "Abscess",
+        "Hematoma",
+        "Hemorrhage",
+        "Edema",
+        "Effusion",
+    ]
 )
 _ORGANS = frozenset(
-    """Liver Kidney Spleen Pancreas Aorta InferiorVenaCava AdrenalGland Gallbladder Esophagus Stomach
-    Duodenum Bladder Lung Colon Heart Brain Prostate Uterus Bone Rectum SmallIntestine Spine Trachea Thyroid
-    PortalVein SplenicVein Skull Rib Femur Humerus Muscle Pleura PulmonaryArtery Artery Vein Larynx Mandible
-    Clavicle Sternum Scapula Sacrum Hip Pelvis Vertebra CervicalSpine ThoracicSpine LumbarSpine Ureter BileDuct
-    Pharynx OpticNerve OpticChiasm ParotidGland Eye Eyeball IliacArtery IliacVein RenalArtery CarotidArtery
-    Atrium Ventricle Appendix Ovary Testis Breast LymphNode""".split()
+    [
+        "Liver",
+        "Kidney",
+        "Spleen",
+        "Pancreas",
+        "Aorta",
+        "InferiorVenaCava",
+        "AdrenalGland",
+        "Gallbladder",
+        "Esophagus",
+        "Stomach",
+        "Duodenum",
+        "Bladder",
+        "Lung",
+        "Colon",
+        "Heart",
+        "Brain",
+        "Prostate",
+        "Uterus",
+        "Bone",
+        "Rectum",
+        "SmallIntestine",
+        "Spine",
+        "Trachea",
+        "Thyroid",
+        "PortalVein",
+        "SplenicVein",
+        "Skull",
+        "Rib",
+        "Femur",
+        "Humerus",
+        "Muscle",
+        "Pleura",
+        "PulmonaryArtery",
+        "Artery",
+        "Vein",
+        "Larynx",
+        "Mandible",
+        "Clavicle",
+        "Sternum",
+        "Scapula",
+        "Sacrum",
+        "Hip",
+        "Pelvis",
+        "Vertebra",
+        "CervicalSpine",
+        "ThoracicSpine",
+        "LumbarSpine",
+        "Ureter",
+        "BileDuct",
+        "Pharynx",
+        "OpticNerve",
+        "OpticChiasm",
+        "ParotidGland",
+        "Eye",
+        "Eyeball",
+        "IliacArtery",
+        "IliacVein",
+        "RenalArtery",
+        "CarotidArtery",
+        "Atrium",
+        "Ventricle",
+        "Appendix",
+        "Ovary",
+        "Testis",
+        "Breast",
+        "LymphNode",
+    ]
 )
 _SPELLING = {
     "tumour": "tumor",

@@ -293,7 +293,7 @@ def _result_section(i: int, result: Any, montage: Path | None, out_dir: Path) ->
 
 
 def _page(title: str, body: str) -> str:
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")  # noqa: UP017  (py3.10)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
