@@ -347,6 +347,42 @@ def _cleanup_on_error(paths: list[Path]) -> Iterator[None]:
         raise
 
 
+def _write_layers(
+    src: ShardReader,
+    family: str,
+    builders: list[FusedDecoder | StandardDecoder],
+    quant: Quant,
+    n_layers: int,
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, TensorProto]:
+    """Every layer into every graph, one layer's weights in memory at a time; returns the shared references."""
+    shared: dict[str, TensorProto] = {}
+    for i in range(n_layers):
+        w = read_layer(src, family, i)
+        for b in builders:
+            b.layer(i, w, quant, shared)
+        del w
+        shared = {k: v for k, v in shared.items()}  # references only; the arrays are on disk
+        gc.collect()
+        if progress:
+            progress(i + 1, n_layers)
+    return shared
+
+
+def _write_head(
+    src: ShardReader,
+    builders: list[FusedDecoder | StandardDecoder],
+    quant: Quant,
+    shared: dict[str, TensorProto],
+) -> None:
+    """The final norm and the LM head (tied to the embeddings when the checkpoint has no lm_head)."""
+    norm = src.get("model.norm.weight")
+    head_name = "lm_head.weight" if "lm_head.weight" in src else "model.embed_tokens.weight"
+    head = np.ascontiguousarray(src.get(head_name).T)
+    for b in builders:
+        b.finish(norm, head, quant, shared)
+
+
 def write_decoders(
     ckpt: Path,
     cfg: LamedConfig,
@@ -381,27 +417,13 @@ def write_decoders(
     cos, sin = rope_tables(cfg, dims, dims.max_position_embeddings)
     with _cleanup_on_error(paths):
         fused_g = Graph("m3d_decoder_fused", store)
-        builders: list = [FusedDecoder(fused_g, dims, eps, cos, sin)]
+        builders: list[FusedDecoder | StandardDecoder] = [FusedDecoder(fused_g, dims, eps, cos, sin)]
         std_g = None
         if standard:
             std_g = Graph("m3d_decoder_standard", store)
             builders.append(StandardDecoder(std_g, dims, eps, cos, sin))
-        shared: dict[str, TensorProto] = {}
-        for i in range(n_layers):
-            w = read_layer(src, cfg.family, i)
-            for b in builders:
-                b.layer(i, w, quant, shared)
-            del w
-            shared = {k: v for k, v in shared.items()}  # references only; the arrays are on disk
-            gc.collect()
-            if progress:
-                progress(i + 1, n_layers)
-        norm = src.get("model.norm.weight")
-        head_name = "lm_head.weight" if "lm_head.weight" in src else "model.embed_tokens.weight"
-        head = np.ascontiguousarray(src.get(head_name).T)
-        for b in builders:
-            b.finish(norm, head, quant, shared)
-        del head
+        shared = _write_layers(src, cfg.family, builders, quant, n_layers, progress)
+        _write_head(src, builders, quant, shared)
         store.close()
         # onnx's checker does not know onnxruntime's SimplifiedLayerNormalization (default domain); the
         # exporter validates the fused graph by running it instead
