@@ -27,10 +27,10 @@ from m3d_edge.bundle import (
     write_manifest,
 )
 from m3d_edge.errors import ExportError
+from m3d_edge.export.onnx_store import IR_VERSION, OPSET
 from m3d_edge.fileio import atomic_path
 
-OPSET = 17
-MAX_IR_VERSION = 10  # Jetson and other older onnxruntime builds reject newer IR
+MAX_IR_VERSION = IR_VERSION  # traced graphs are capped at the hand-written graphs' IR
 EXTERNAL_DATA_BYTES = 1 << 30  # graphs larger than this keep their weights in a side file
 
 Progress = Callable[[str, str], None]  # (graph name, event) where event is "start" | "done"

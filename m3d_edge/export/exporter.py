@@ -33,7 +33,6 @@ from m3d_edge.bundle import (
 from m3d_edge.errors import ExportError
 from m3d_edge.export.bundle_writer import (
     MAX_IR_VERSION,
-    OPSET,
     BundleWriter,
     ExportReport,
     GraphReport,
@@ -54,7 +53,6 @@ if TYPE_CHECKING:  # decoder_onnx is imported when a decoder is written
 # re-exported: callers and tests read these from the exporter
 __all__ = [
     "MAX_IR_VERSION",
-    "OPSET",
     "TOLERANCE",
     "ExportReport",
     "GraphReport",

@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-OPSET = 17
+OPSET = 17  # every graph of a bundle, traced or written here
 MS_OPSET = 1
-IR_VERSION = 10
+IR_VERSION = 10  # Jetson and other older onnxruntime builds reject newer IR
 ALIGN = 4096  # page-aligned external data lets onnxruntime map it instead of reading it
 
 

@@ -12,9 +12,12 @@ A plan only runs on the GPU model and the exact TensorRT version it was built wi
 version- and hardware-compatible plans are slower and not used here), so ``engine.json`` records both and
 :func:`check_engine_compatible` refuses a mismatch before TensorRT is asked to deserialize anything.
 
-The pure helpers at the top (profile shapes, names, cache keys, buffer sizes, ``engine.json``) need neither
-TensorRT nor CUDA and are unit-tested on CPU; ``tensorrt`` and ``cuda`` are imported lazily inside the
-classes so this module imports everywhere.
+This module is the backend's front door (:func:`open_engines`, and every name below re-exported); the parts
+live beside it: :mod:`~m3d_edge.runtime.trt_metadata` (profile shapes, folder names, cache keys, buffer
+sizes, ``engine.json``: neither TensorRT nor CUDA, unit-tested on CPU), :mod:`~m3d_edge.runtime.trt_device`
+(the lazy ``tensorrt``/``cuda`` imports, CUDA calls, plan loading), :mod:`~m3d_edge.runtime.trt_sessions`
+(encoder graphs) and :mod:`~m3d_edge.runtime.trt_decoder` (decoder and KV cache). ``tensorrt`` and ``cuda``
+are imported only when a class is built, so every one of them imports everywhere.
 
 Decoder on the device: TensorRT builds from the bundle's standard-op decoder (``decoder_std``, schema-2
 contract); :class:`TrtKVCache` implements :class:`m3d_edge.runtime.protocols.Cache` with a ping-pong
