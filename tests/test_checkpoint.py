@@ -92,7 +92,7 @@ def test_missing_shard(tmp_path, tiny_checkpoints):
     ckpt = tmp_path / "c"
     shutil.copytree(tiny_checkpoints["phi3"], ckpt)
     (ckpt / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ExportError, match="missing shards model-00002-of-00002.safetensors"):
+    with pytest.raises(ExportError, match=r"missing shards model-00002-of-00002.safetensors"):
         weight_files(ckpt)
 
 

@@ -96,7 +96,7 @@ def test_int4_export_has_no_fp32_decoder_and_no_tensorrt_graph(tiny_checkpoints,
     }
     assert "MatMulNBits" in ops and "MatMul" not in ops and "GroupQueryAttention" in ops
     assert not list(report.bundle.glob("*.fp32*")) and not list(report.bundle.glob(".validate-*"))
-    with pytest.raises(BundleError, match="no standard-op decoder for TensorRT.*re-export"):
+    with pytest.raises(BundleError, match=r"no standard-op decoder for TensorRT.*re-export"):
         m.tensorrt_entry("decoder")
 
 

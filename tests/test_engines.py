@@ -9,7 +9,6 @@ provider options and the refusal of a provider that is not running. The native b
 
 from __future__ import annotations
 
-import ctypes
 import json
 import subprocess
 import sys
@@ -19,11 +18,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from fakes.cuda import FakeCudart, device_view
+from fakes.tensorrt import fake_tensorrt
 
 from m3d_edge.bundle import kv_names, read_manifest
 from m3d_edge.errors import BackendError, GenerationError
 from m3d_edge.export import engines as eng
 from m3d_edge.runtime import trt_backend as tb
+from m3d_edge.runtime import trt_device
 from m3d_edge.runtime.backend import BackendOptions, GraphSession
 from m3d_edge.runtime.generate import KVCache, generate
 
@@ -189,9 +191,9 @@ def test_mismatched_engines_are_refused(phi3, tmp_path):
     folder = tmp_path / tb.ENGINES_DIR / tb.engine_dir_name("NVIDIA H200", (9, 0), "10.13.3", "fp16")
     folder.mkdir(parents=True)
     tb.write_engine_json(folder, _engine_json(m))
-    with pytest.raises(BackendError, match="built with TensorRT 10.13.3 but this machine has TensorRT 11.0"):
+    with pytest.raises(BackendError, match=r"built with TensorRT 10.13.3 but this machine has TensorRT 11.0"):
         tb.find_engines(tmp_path, "fp16", "NVIDIA H200", (9, 0), "11.0")
-    with pytest.raises(BackendError, match="no int8 TensorRT engines .* build-engines"):
+    with pytest.raises(BackendError, match=r"no int8 TensorRT engines .* build-engines"):
         tb.find_engines(tmp_path, "int8", "NVIDIA H200", (9, 0), "10.13.3")
     assert tb.find_engines(tmp_path, "fp16", "NVIDIA H200", (9, 0), "10.13.3") == folder
 
@@ -331,170 +333,6 @@ def test_silent_cpu_fallback_is_refused(phi3, monkeypatch):
 
 
 # -- the native backend against a fake tensorrt + cudart (device = host memory, engine = ONNX Runtime) ---------
-class _FakeCudart:
-    """cudart's calling convention ((err, *values) tuples) over host memory: pointers are host addresses."""
-
-    cudaError_t = types.SimpleNamespace(cudaSuccess=0)
-    cudaMemcpyKind = types.SimpleNamespace(
-        cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2, cudaMemcpyDeviceToDevice=3
-    )
-
-    def __init__(self):
-        self.blocks: dict[int, np.ndarray] = {}
-        self.h2d_bytes = 0
-        self.d2h_bytes = 0
-        self.d2d_bytes = 0
-
-    def cudaSetDevice(self, d):
-        return (0,)
-
-    def cudaGetDeviceProperties(self, d):
-        return (0, types.SimpleNamespace(name=b"Fake GPU\x00\x00", major=9, minor=0))
-
-    def cudaGetErrorString(self, err):
-        return (0, b"fake error")
-
-    def cudaMalloc(self, n):
-        block = np.full(n, 0xFF, np.uint8)  # garbage, like real device memory
-        self.blocks[block.ctypes.data] = block
-        return (0, block.ctypes.data)
-
-    def cudaFree(self, ptr):
-        self.blocks.pop(ptr, None)
-        return (0,)
-
-    def cudaStreamCreate(self):
-        return (0, 7)
-
-    def cudaStreamSynchronize(self, s):
-        return (0,)
-
-    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
-        if kind == 1:
-            self.h2d_bytes += n
-        else:
-            self.d2h_bytes += n
-        assert kind in (1, 2)
-        ctypes.memmove(dst, src, n)
-        return (0,)
-
-    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
-        assert kind == 3 and width <= min(dpitch, spitch)
-        assert self._inside(dst, (height - 1) * dpitch + width) and self._inside(
-            src, (height - 1) * spitch + width
-        )
-        for r in range(height):
-            ctypes.memmove(dst + r * dpitch, src + r * spitch, width)
-        self.d2d_bytes += width * height
-        return (0,)
-
-    def _inside(self, ptr, n):
-        return any(base <= ptr and ptr + n <= base + b.size for base, b in self.blocks.items())
-
-
-def _at(addr: int, shape, dtype) -> np.ndarray:
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buf = (ctypes.c_char * max(n, 1)).from_address(addr)
-    return np.frombuffer(buf, np.uint8, count=n).view(dtype).reshape(shape)
-
-
-def _fake_tensorrt(bundle: Path, manifest, max_seq: int, cudart: _FakeCudart):
-    specs, dims = manifest.tensorrt_specs(), manifest.dims
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.99.0"
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
-    trt.nptype = lambda dt: dt
-    trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=0: None})
-
-    class Context:
-        def __init__(self, engine):
-            self.e, self.shapes, self.addr, self.profile = engine, {}, {}, 0
-
-        def set_optimization_profile_async(self, k, stream):
-            self.profile = k
-
-        def set_input_shape(self, name, shape):
-            lo, _, hi = self.e.get_tensor_profile_shape(name, self.profile)
-            ok = all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True))
-            self.shapes[name] = tuple(shape)
-            return ok
-
-        def _axes(self):
-            return {
-                d: s for t in self.e.spec.inputs for d, s in zip(t.shape, self.shapes[t.name], strict=True)
-            }
-
-        def get_tensor_shape(self, name):
-            if name in self.shapes:
-                return self.shapes[name]
-            axes = self._axes()
-            t = next(t for t in self.e.spec.outputs if t.name == name)
-            return tuple(axes[d] if isinstance(d, str) else d for d in t.shape)
-
-        def set_tensor_address(self, name, addr):
-            self.addr[name] = addr
-
-        def execute_async_v3(self, stream):
-            for name in self.e.spec.input_names():
-                lo, _, hi = self.e.get_tensor_profile_shape(name, self.profile)
-                assert all(a <= s <= b for a, s, b in zip(lo, self.shapes[name], hi, strict=True)), name
-            # every bound tensor lies inside one device allocation, and no output overlaps an input
-            regions = {}
-            for t in self.e.spec.inputs + self.e.spec.outputs:
-                n = int(np.prod(self.get_tensor_shape(t.name))) * np.dtype(t.dtype).itemsize
-                regions[t.name] = (self.addr[t.name], self.addr[t.name] + n)
-                assert n == 0 or cudart._inside(self.addr[t.name], n), t.name
-            for o in self.e.spec.output_names():
-                for i in self.e.spec.input_names():
-                    (a, b), (c, d) = regions[o], regions[i]
-                    assert b <= c or d <= a or a == b or c == d, f"{o} overlaps {i}"
-            feeds = {
-                t.name: _at(self.addr[t.name], self.shapes[t.name], t.dtype).copy()
-                for t in self.e.spec.inputs
-            }
-            outs = self.e.session.run(None, feeds)
-            for t, value in zip(self.e.spec.outputs, outs, strict=True):
-                assert value.shape == self.get_tensor_shape(t.name)
-                _at(self.addr[t.name], value.shape, t.dtype)[...] = value
-            return True
-
-    class Engine:
-        def __init__(self, plan: dict):
-            self.spec = specs[plan["graph"]]
-            self.session = ort.InferenceSession(
-                str(bundle / manifest.tensorrt_entry(plan["graph"]).file), providers=["CPUExecutionProvider"]
-            )
-            self.names = self.spec.input_names() + self.spec.output_names()
-            self.num_io_tensors = len(self.names)
-            self.shapes = tb.profile_shapes(self.spec, dims, 1, max_seq, None)
-            self.num_optimization_profiles = len(tb.profile_names(self.spec.name))
-
-        def get_tensor_name(self, i):
-            return self.names[i]
-
-        def get_tensor_mode(self, name):
-            return "in" if name in self.spec.input_names() else "out"
-
-        def get_tensor_dtype(self, name):
-            return np.dtype(next(t.dtype for t in self.spec.inputs + self.spec.outputs if t.name == name))
-
-        def get_tensor_profile_shape(self, name, k):
-            return self.shapes[name][k]
-
-        def create_execution_context(self):
-            return Context(self)
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, data):
-            return Engine(json.loads(data))
-
-    trt.Runtime = Runtime
-    return trt
-
-
 @pytest.fixture
 def fake_gpu(phi3, tmp_path, monkeypatch):
     bundle, m = phi3
@@ -506,14 +344,14 @@ def fake_gpu(phi3, tmp_path, monkeypatch):
     data = _engine_json(m, gpu="Fake GPU", trt="10.99.0", precision="fp32")
     data["graphs"] = {}  # no plan hashes: fake plans
     tb.write_engine_json(folder, data)
-    cudart = _FakeCudart()
-    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(bundle, m, max_seq, cudart))
-    monkeypatch.setattr(tb, "import_cudart", lambda: cudart)
+    cudart = FakeCudart()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(bundle, m, max_seq, cudart))
+    monkeypatch.setattr(trt_device, "import_cudart", lambda: cudart)
     return folder, tb.read_engine_json(folder), cudart
 
 
 def test_trt_graph_session_matches_onnxruntime(phi3, fake_gpu, pipelines, volume):
-    bundle, m = phi3
+    _, m = phi3
     folder, info, _ = fake_gpu
     spec = m.specs()["vision"]
     sess = tb.TrtGraphSession(folder / "vision.plan", spec, info)
@@ -530,7 +368,7 @@ def test_trt_graph_session_matches_onnxruntime(phi3, fake_gpu, pipelines, volume
 def _device_cache(cache: tb.TrtKVCache, layer: int, kv: int) -> np.ndarray:
     """The valid cache of one tensor as the engine sees it: the front buffer's head, [1, kv_heads, L, hd]."""
     hd = cache.row_bytes // cache.dtype.itemsize
-    return _at(cache.past(layer, kv), (1, cache.kv_heads, cache.length, hd), cache.dtype).copy()
+    return device_view(cache.past(layer, kv), (1, cache.kv_heads, cache.length, hd), cache.dtype).copy()
 
 
 def _assert_same_cache(dev: tb.TrtKVCache, host: KVCache, num_layers: int, atol: float = 2e-4) -> None:
@@ -544,7 +382,7 @@ def _assert_same_cache(dev: tb.TrtKVCache, host: KVCache, num_layers: int, atol:
 
 
 def test_trt_decoder_generates_the_same_tokens(phi3, fake_gpu, pipelines, volume):
-    bundle, m = phi3
+    _, m = phi3
     folder, info, cudart = fake_gpu
     pipe = pipelines["phi3"]
     dims = m.dims
@@ -603,7 +441,7 @@ def test_trt_kv_cache_truncate_compacts_each_head(phi3, fake_gpu):
     full = rng.standard_normal((dims.num_layers, 2, 1, kvh, L, hd)).astype(np.float32)
     for i in range(dims.num_layers):
         for kv in (0, 1):
-            _at(cache.past(i, kv), full[i, kv].shape, np.float32)[...] = full[i, kv]
+            device_view(cache.past(i, kv), full[i, kv].shape, np.float32)[...] = full[i, kv]
     cache.length, cache.ids = L, list(range(L))
     front = cache.front
     cache.truncate(L + 5)  # beyond the length: keeps everything, copies nothing (as the host cache)
@@ -628,9 +466,9 @@ def test_trt_kv_cache_truncate_compacts_each_head(phi3, fake_gpu):
 
 
 def test_engine_for_another_gpu_is_refused_at_load(phi3, fake_gpu):
-    bundle, m = phi3
+    _, m = phi3
     folder, info, _ = fake_gpu
-    with pytest.raises(BackendError, match="built for NVIDIA H200 .* this machine has Fake GPU"):
+    with pytest.raises(BackendError, match=r"built for NVIDIA H200 .* this machine has Fake GPU"):
         tb.TrtGraphSession(folder / "vision.plan", m.specs()["vision"], {**info, "gpu": "NVIDIA H200"})
 
 
@@ -682,5 +520,5 @@ def test_gpu_refuses_engines_of_another_tensorrt(tiny_bundles, tmp_path):
     folder = tmp_path / tb.ENGINES_DIR / tb.engine_dir_name(gpu, cc, "0.0.0", "fp16")
     folder.mkdir(parents=True)
     tb.write_engine_json(folder, data)
-    with pytest.raises(BackendError, match="TensorRT 0.0.0"):
+    with pytest.raises(BackendError, match=r"TensorRT 0.0.0"):
         tb.find_engines(tmp_path, "fp16", gpu, cc, version)

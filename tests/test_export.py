@@ -195,7 +195,7 @@ def test_corrupted_graph_is_refused(tiny_bundles, tmp_path):
 def test_missing_file_is_refused(tiny_bundles, tmp_path):
     b = _copy(tiny_bundles["phi3"], tmp_path)
     (b / "seg_decoder.onnx").unlink()
-    with pytest.raises(BundleError, match="seg_decoder.onnx is missing"):
+    with pytest.raises(BundleError, match=r"seg_decoder.onnx is missing"):
         read_manifest(b)
 
 
@@ -209,7 +209,7 @@ def test_unknown_schema_version_is_refused(tiny_bundles, tmp_path):
 
 
 def test_not_a_bundle(tmp_path):
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match=r"no manifest.json"):
         read_manifest(tmp_path)
 
 

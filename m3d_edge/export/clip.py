@@ -24,18 +24,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from m3d_edge import __version__
-from m3d_edge.bundle import (
-    MANIFEST,
-    TOKENIZER,
-    ClipDims,
-    GraphEntry,
-    Manifest,
-    io_declaration,
-    retrieval_graph_specs,
-    sha256_file,
-    write_manifest,
-)
+from m3d_edge.bundle import TOKENIZER, ClipDims, Manifest, retrieval_graph_specs, sha256_file
 from m3d_edge.errors import ExportError
+from m3d_edge.export.bundle_writer import (
+    BundleWriter,
+    ExportReport,
+    Progress,
+    bundle_id,
+    export_graph,
+    graph_files,
+    preprocessing,
+    refuse_existing,
+)
 from m3d_edge.export.checkpoint import check_keys, load_state_dict, read_json
 from m3d_edge.export.vit import ViT3D
 from m3d_edge.fileio import atomic_path
@@ -286,6 +286,38 @@ def write_wordpiece_tokenizer(ckpt: Path, out: Path) -> str:
 
 
 # -- export -------------------------------------------------------------------------------------------
+def _export_towers(w: BundleWriter, model: M3DClip, dims: ClipDims, validate: bool) -> dict[str, float]:
+    """Trace both towers; with ``validate`` each must reach :data:`MIN_COSINE`. Returns the cosines."""
+    cosines: dict[str, float] = {}
+    for name, spec in retrieval_graph_specs(dims).items():
+        t0 = w.begin(name)
+        module = GRAPH_MODULES[name](model).eval()
+        export_graph(module, spec, example_inputs(name, dims), w.out / spec.file)
+        diff = None
+        if validate:
+            cos, diff = check_graph(w.out, name, module, dims)
+            cosines[name] = cos
+            if not cos >= MIN_COSINE:
+                raise ExportError(
+                    f"{w.out / spec.file}: ONNX embeddings differ from torch (cosine {cos:.7f} < {MIN_COSINE})"
+                )
+        w.record(name, spec, graph_files(w.out, spec), t0, diff)
+    return cosines
+
+
+def _clip_token_ids(ckpt: Path, tokenizer_json: Path, dims: ClipDims) -> dict[str, int]:
+    """The BERT special ids (cls, sep, pad, unk), the vocabulary checked against the text encoder's."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    token_ids = {t.strip("[]").lower(): tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]")}
+    if tok.get_vocab_size() > dims.vocab_size:
+        raise ExportError(
+            f"{ckpt}: the tokenizer has {tok.get_vocab_size()} tokens, the text encoder only {dims.vocab_size}"
+        )
+    return token_ids
+
+
 def export_clip_bundle(
     ckpt: Path | str,
     out: Path | str,
@@ -293,85 +325,29 @@ def export_clip_bundle(
     allow_pickle: bool = False,
     validate: bool = True,
     overwrite: bool = False,
-    progress=None,
-):
+    progress: Progress | None = None,
+) -> ExportReport:
     """Export an M3D-CLIP checkpoint to a retrieval bundle; the manifest is written last, after the checks.
 
     Each tower must match torch with a row cosine of at least :data:`MIN_COSINE` (with ``validate``).
     """
-    from tokenizers import Tokenizer
-
-    from m3d_edge.export.exporter import (
-        MAX_IR_VERSION,
-        OPSET,
-        ExportReport,
-        GraphReport,
-        _bundle_id,
-        _export_graph,
-        _graph_files,
-    )
-
     ckpt, out = Path(ckpt), Path(out)
     start = time.perf_counter()
-    if (out / MANIFEST).exists() and not overwrite:
-        raise ExportError(f"{out}: already holds a bundle (pass --overwrite to replace it)")
+    refuse_existing(out, overwrite)
     model, cfg = load_clip(ckpt, allow_pickle)
     dims = clip_dims(model, cfg)
-    specs = retrieval_graph_specs(dims)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    report = ExportReport(bundle=out)
-    graphs: dict[str, GraphEntry] = {}
-    cosines: dict[str, float] = {}
-    for name, spec in specs.items():
-        if progress:
-            progress(name, "start")
-        t0 = time.perf_counter()
-        module = GRAPH_MODULES[name](model).eval()
-        _export_graph(module, spec, example_inputs(name, dims), out / spec.file)
-        diff = None
-        if validate:
-            cos, diff = check_graph(out, name, module, dims)
-            cosines[name] = cos
-            if not cos >= MIN_COSINE:
-                raise ExportError(
-                    f"{out / spec.file}: ONNX embeddings differ from torch (cosine {cos:.7f} < {MIN_COSINE})"
-                )
-        graphs[name] = GraphEntry(
-            file=spec.file,
-            sha256={f: sha256_file(out / f) for f in _graph_files(out, spec)},
-            opset=OPSET,
-            ir_version=MAX_IR_VERSION,
-            inputs=io_declaration(spec.inputs),
-            outputs=io_declaration(spec.outputs),
-        )
-        size = sum((out / f).stat().st_size for f in _graph_files(out, spec))
-        report.graphs.append(GraphReport(name, time.perf_counter() - t0, size, diff))
-        if progress:
-            progress(name, "done")
+    w = BundleWriter(out, progress)
+    cosines = _export_towers(w, model, dims, validate)
     tok_sha = write_wordpiece_tokenizer(ckpt, out / TOKENIZER)
-    tok = Tokenizer.from_file(str(out / TOKENIZER))
-    token_ids = {t.strip("[]").lower(): tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]")}
-    if tok.get_vocab_size() > dims.vocab_size:
-        raise ExportError(
-            f"{ckpt}: the tokenizer has {tok.get_vocab_size()} tokens, the text encoder only {dims.vocab_size}"
-        )
-    files = {name: g.sha256 for name, g in graphs.items()}
     manifest = Manifest(
-        bundle_id=_bundle_id("clip", files),
+        bundle_id=bundle_id("clip", w.graph_hashes()),
         producer=f"m3d-edge {__version__}",
         dims=dims,
-        token_ids=token_ids,
+        token_ids=_clip_token_ids(ckpt, out / TOKENIZER, dims),
         prompt={"max_length": dims.max_text_len, "padding": "right"},
-        preprocessing={
-            "image_size": list(dims.image_size),
-            "intensity": "minmax",
-            "crop_foreground": True,
-            "resize": "trilinear",
-            "align_corners": False,
-        },
+        preprocessing=preprocessing(dims.image_size),
         generation={},
-        graphs=graphs,
+        graphs=w.graphs,
         embed={},
         tokenizer={"file": TOKENIZER, "sha256": tok_sha},
         source={
@@ -383,9 +359,7 @@ def export_clip_bundle(
         },
         kind="retrieval",
     )
-    write_manifest(out, manifest)
-    report.seconds = time.perf_counter() - start
-    return report
+    return w.finish(manifest, start)
 
 
 __all__ = [

@@ -28,198 +28,27 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 from m3d_edge.bundle import ModelDims, kv_names
 from m3d_edge.errors import ExportError
-from m3d_edge.export.checkpoint import INDEX, LamedConfig, read_json
-
-OPSET = 17
-MS_OPSET = 1
-IR_VERSION = 10
-ALIGN = 4096  # page-aligned external data lets onnxruntime map it instead of reading it
-PRECISIONS = ("fp32", "int8", "int4")
-BLOCK_SIZE = 32
-ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: without it ORT has no fast CPU kernel
-
-
-class ShardReader:
-    """Lazy, memory-mapped access to the tensors of a sharded safetensors checkpoint."""
-
-    def __init__(self, ckpt: Path) -> None:
-        from safetensors import safe_open
-
-        self.ckpt = Path(ckpt)
-        index = self.ckpt / INDEX
-        if index.is_file():
-            self.where = dict(read_json(index).get("weight_map", {}))
-        elif (self.ckpt / "model.safetensors").is_file():
-            with safe_open(str(self.ckpt / "model.safetensors"), framework="np") as f:
-                self.where = dict.fromkeys(f.keys(), "model.safetensors")
-        else:
-            raise ExportError(f"{self.ckpt}: the streamed exporter reads safetensors only (no {INDEX})")
-        self._open = safe_open
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def get(self, name: str) -> np.ndarray:
-        """One tensor as a private float32 array.
-
-        The shard is opened (memory-mapped) for this tensor only and closed again: mapped pages count as
-        resident memory while the map lives, so keeping every shard open would add the whole checkpoint
-        to the exporter's RSS (measured: 17.4 GB peak for Phi-3-4B int4 before this).
-        """
-        if name not in self.where:
-            raise ExportError(f"{self.ckpt}: weight {name} is missing")
-        path = self.ckpt / self.where[name]
-        if not path.is_file():
-            raise ExportError(f"{path}: missing shard (listed in {INDEX})")
-        with self._open(str(path), framework="np") as f:
-            return np.array(f.get_tensor(name), dtype=np.float32, copy=True)
-
-
-class ExternalData:
-    """Appends tensors to one external-data file at aligned offsets and returns their references."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.file = open(self.path, "wb")  # noqa: SIM115 (closed in close())
-        self.offset = 0
-        self.written: dict[str, TensorProto] = {}
-
-    def add(self, name: str, array: np.ndarray) -> TensorProto:
-        if name in self.written:
-            return self.written[name]
-        array = np.ascontiguousarray(array)
-        pad = (-self.offset) % ALIGN
-        if pad:
-            self.file.write(b"\0" * pad)
-            self.offset += pad
-        data = memoryview(array).cast("B")
-        self.file.write(data)
-        t = TensorProto()
-        t.name = name
-        t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-        t.dims.extend(array.shape)
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (
-            ("location", self.path.name),
-            ("offset", str(self.offset)),
-            ("length", str(data.nbytes)),
-        ):
-            entry = t.external_data.add()
-            entry.key, entry.value = k, v
-        self.offset += data.nbytes
-        self.written[name] = t
-        return t
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class Graph:
-    """Nodes and initializer references of one graph under construction."""
-
-    def __init__(self, name: str, store: ExternalData) -> None:
-        self.name, self.store = name, store
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: dict[str, TensorProto] = {}
-        self.inputs: list[onnx.ValueInfoProto] = []
-        self.outputs: list[onnx.ValueInfoProto] = []
-        self._n = 0
-
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", **attrs) -> list[str]:
-        self._n += 1
-        outs = [f"/{op_type.lower()}_{self._n}/{i}" for i in range(n_out)]
-        self.nodes.append(
-            helper.make_node(op_type, inputs, outs, name=f"{op_type}_{self._n}", domain=domain, **attrs)
-        )
-        return outs
-
-    def op1(self, op_type: str, inputs: list[str], domain: str = "", **attrs) -> str:
-        return self.op(op_type, inputs, 1, domain, **attrs)[0]
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        """A small constant stored inline."""
-        if name not in self.initializers:
-            self.initializers[name] = onnx.numpy_helper.from_array(np.asarray(array), name)
-        return name
-
-    def weight(self, name: str, array: np.ndarray) -> str:
-        """A large constant stored in the external-data file."""
-        self.initializers[name] = self.store.add(name, array)
-        return name
-
-    def shared(self, proto: TensorProto) -> str:
-        """A constant another graph already wrote to the shared data file."""
-        self.initializers[proto.name] = proto
-        return proto.name
-
-    def model(self) -> onnx.ModelProto:
-        graph = helper.make_graph(
-            self.nodes, self.name, self.inputs, self.outputs, initializer=list(self.initializers.values())
-        )
-        m = helper.make_model(
-            graph,
-            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", MS_OPSET)],
-            producer_name="m3d-edge",
-        )
-        m.ir_version = IR_VERSION
-        return m
-
-
-# -- weights -----------------------------------------------------------------------------------------
-def quantize_blockwise(w_kn: np.ndarray, bits: int, block_size: int, symmetric: bool):
-    """onnxruntime's MatMulNBits layout of a ``[K, N]`` weight: (packed, scales, zero points or None)."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-
-    k, n = w_kn.shape
-    k_blocks = -(-k // block_size)
-    if k_blocks * block_size != k:
-        w_kn = np.pad(w_kn, ((0, k_blocks * block_size - k), (0, 0)))
-    kpack = 8 // bits
-    packed = np.zeros((n, k_blocks, block_size // kpack), np.uint8)
-    zero_points = np.zeros((n, -(-k_blocks // kpack)), np.uint8)
-    scales = np.zeros((n, k_blocks), np.float32)
-    fn = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
-    fn(packed, np.ascontiguousarray(w_kn, np.float32), scales, zero_points, block_size, n, k, symmetric)
-    return packed, scales, None if symmetric else zero_points
-
-
-@dataclass(frozen=True)
-class Quant:
-    precision: str = "fp32"
-    block_size: int = BLOCK_SIZE
-    accuracy_level: int = ACCURACY_LEVEL
-
-    @property
-    def bits(self) -> int | None:
-        return {"int8": 8, "int4": 4}.get(self.precision)
-
-    @property
-    def symmetric(self) -> bool:
-        return self.bits == 8  # int4 keeps per-block zero points (closer to FP32), as calibration does
-
-    def settings(self) -> dict[str, object]:
-        if self.bits is None:
-            return {"precision": self.precision}
-        return {
-            "quantizer": "m3d_edge.export.decoder_onnx (onnxruntime quantize_matmul_nbits kernels)",
-            "op": "com.microsoft.MatMulNBits",
-            "bits": self.bits,
-            "block_size": self.block_size,
-            "accuracy_level": self.accuracy_level,
-            "symmetric": self.symmetric,
-        }
+from m3d_edge.export.checkpoint import LamedConfig
+from m3d_edge.export.decoder_weights import (
+    PRECISIONS,
+    LayerWeights,
+    Quant,
+    ShardReader,
+    quantize_blockwise,
+    read_layer,
+    rope_tables,
+)
+from m3d_edge.export.onnx_store import ExternalData, Graph, save_model, value_info
 
 
 def _linear(g: Graph, x: str, w_kn: np.ndarray, name: str, quant: Quant, shared: dict) -> str:
@@ -245,55 +74,20 @@ def _linear(g: Graph, x: str, w_kn: np.ndarray, name: str, quant: Quant, shared:
     )
 
 
-@dataclass
-class LayerWeights:
-    """One decoder layer in the fused layout: packed QKV ``[H, (nh + 2kv) hd]``, gate|up ``[H, 2I]``."""
-
-    ln1: np.ndarray
-    ln2: np.ndarray
-    qkv: np.ndarray
-    o: np.ndarray
-    gate_up: np.ndarray
-    down: np.ndarray
-
-
-def read_layer(src: ShardReader, family: str, i: int) -> LayerWeights:
-    p = f"model.layers.{i}."
-    if family == "phi3":
-        qkv = src.get(p + "self_attn.qkv_proj.weight")
-        gate_up = src.get(p + "mlp.gate_up_proj.weight")
-    else:
-        qkv = np.concatenate([src.get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        gate_up = np.concatenate([src.get(p + "mlp.gate_proj.weight"), src.get(p + "mlp.up_proj.weight")])
-    return LayerWeights(
-        ln1=src.get(p + "input_layernorm.weight"),
-        ln2=src.get(p + "post_attention_layernorm.weight"),
-        qkv=np.ascontiguousarray(qkv.T),
-        o=np.ascontiguousarray(src.get(p + "self_attn.o_proj.weight").T),
-        gate_up=np.ascontiguousarray(gate_up.T),
-        down=np.ascontiguousarray(src.get(p + "mlp.down_proj.weight").T),
-    )
-
-
-def rope_tables(cfg: LamedConfig, dims: ModelDims, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin ``[length, head_dim / 2]`` of the default (unscaled) rotary embedding."""
-    raw = cfg.raw
-    params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise ExportError(f"config.json: rope scaling {scaling!r} is not supported by the streamed exporter")
-    if float(raw.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ExportError("config.json: partial rotary embeddings are not supported by the streamed exporter")
-    theta = float(raw.get("rope_theta") or params.get("rope_theta") or 10000.0)
-    hd = dims.head_dim
-    inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
-    freqs = np.outer(np.arange(length, dtype=np.float32), inv)
-    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
-
-
 # -- graph bodies ------------------------------------------------------------------------------------
-def _value(name: str, dtype: int, shape: list) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, dtype, shape)
+def _declare_io(g: Graph, dims: ModelDims, position_ids: bool) -> None:
+    """The inputs and outputs both decoders share (the cache tensors are declared per layer)."""
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    g.inputs += [
+        value_info("inputs_embeds", f32, ["batch", "sequence", dims.hidden_size]),
+        value_info("attention_mask", i64, ["batch", "total"]),
+    ]
+    if position_ids:
+        g.inputs.append(value_info("position_ids", i64, ["batch", "sequence"]))
+    g.outputs += [
+        value_info("logits", f32, ["batch", dims.vocab_size]),
+        value_info("last_hidden_state", f32, ["batch", dims.hidden_size]),
+    ]
 
 
 class FusedDecoder:
@@ -301,15 +95,7 @@ class FusedDecoder:
 
     def __init__(self, g: Graph, dims: ModelDims, eps: float, cos: np.ndarray, sin: np.ndarray) -> None:
         self.g, self.dims, self.eps = g, dims, eps
-        f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-        g.inputs += [
-            _value("inputs_embeds", f32, ["batch", "sequence", dims.hidden_size]),
-            _value("attention_mask", i64, ["batch", "total"]),
-        ]
-        g.outputs += [
-            _value("logits", f32, ["batch", dims.vocab_size]),
-            _value("last_hidden_state", f32, ["batch", dims.hidden_size]),
-        ]
+        _declare_io(g, dims, position_ids=False)
         # GQA's sequence bookkeeping from the mask: seqlens_k = valid length - 1, total = mask width
         summed = g.op1(
             "ReduceSum", ["attention_mask", g.const("axes_1", np.array([1], np.int64))], keepdims=0
@@ -343,8 +129,8 @@ class FusedDecoder:
         f32 = TensorProto.FLOAT
         pk, pv, nk, nv = kv_names(i)
         kv = ["batch", d.num_kv_heads, "max_length", d.head_dim]
-        g.inputs += [_value(pk, f32, kv), _value(pv, f32, kv)]
-        g.outputs += [_value(nk, f32, kv), _value(nv, f32, kv)]
+        g.inputs += [value_info(pk, f32, kv), value_info(pv, f32, kv)]
+        g.outputs += [value_info(nk, f32, kv), value_info(nv, f32, kv)]
         p = f"model.layers.{i}."
         h = self._norm_after(
             self.pending, g.shared(_norm_proto(g, p + "input_layernorm.weight", w.ln1, shared))
@@ -391,12 +177,21 @@ def _mlp(g: Graph, h: str, w: LayerWeights, p: str, quant: Quant, shared: dict) 
     return _linear(g, g.op1("Mul", [act, up]), w.down, p + "mlp.down_proj.weight.T", quant, shared)
 
 
+def _name_output(g: Graph, value: str, name: str) -> None:
+    g.nodes.append(helper.make_node("Identity", [value], [name], name=name))
+
+
+def _last_position(g: Graph, hidden: str) -> str:
+    """The hidden state of the last position, [B, H], also the ``last_hidden_state`` output."""
+    last = g.op1("Gather", [hidden, g.const("idx_last", np.array(-1, np.int64))], axis=1)
+    _name_output(g, last, "last_hidden_state")
+    return last
+
+
 def _finish(g: Graph, hidden: str, lm_head_kn: np.ndarray, quant: Quant, shared: dict) -> None:
     """Last position only: post-norm hidden state and logits."""
-    last = g.op1("Gather", [hidden, g.const("idx_last", np.array(-1, np.int64))], axis=1)
-    g.nodes.append(helper.make_node("Identity", [last], ["last_hidden_state"], name="last_hidden_state"))
-    logits = _linear(g, last, lm_head_kn, "lm_head.weight.T", quant, shared)
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+    last = _last_position(g, hidden)
+    _name_output(g, _linear(g, last, lm_head_kn, "lm_head.weight.T", quant, shared), "logits")
 
 
 class StandardDecoder:
@@ -404,16 +199,7 @@ class StandardDecoder:
 
     def __init__(self, g: Graph, dims: ModelDims, eps: float, cos: np.ndarray, sin: np.ndarray) -> None:
         self.g, self.dims, self.eps = g, dims, eps
-        f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-        g.inputs += [
-            _value("inputs_embeds", f32, ["batch", "sequence", dims.hidden_size]),
-            _value("attention_mask", i64, ["batch", "total"]),
-            _value("position_ids", i64, ["batch", "sequence"]),
-        ]
-        g.outputs += [
-            _value("logits", f32, ["batch", dims.vocab_size]),
-            _value("last_hidden_state", f32, ["batch", dims.hidden_size]),
-        ]
+        _declare_io(g, dims, position_ids=True)
         full_cos = np.concatenate([cos, cos], axis=1)  # [max_pos, hd]
         full_sin = np.concatenate([sin, sin], axis=1)
         c = g.op1("Gather", [g.weight("rotary.cos_full", full_cos), "position_ids"])  # [B, S, hd]
@@ -499,8 +285,8 @@ class StandardDecoder:
         g, d = self.g, self.dims
         f32 = TensorProto.FLOAT
         pk, pv, nk, nv = kv_names(i)
-        g.inputs += [_value(n, f32, ["batch", d.num_kv_heads, "past", d.head_dim]) for n in (pk, pv)]
-        g.outputs += [_value(n, f32, ["batch", d.num_kv_heads, "total", d.head_dim]) for n in (nk, nv)]
+        g.inputs += [value_info(n, f32, ["batch", d.num_kv_heads, "past", d.head_dim]) for n in (pk, pv)]
+        g.outputs += [value_info(n, f32, ["batch", d.num_kv_heads, "total", d.head_dim]) for n in (nk, nv)]
         p = f"model.layers.{i}."
         h = self._norm_after(self.pending, g.shared(shared[p + "input_layernorm.weight"]))
         qkv = g.op1("MatMul", [h, g.shared(shared[p + "self_attn.qkv_proj.weight.T"])])
@@ -536,10 +322,8 @@ class StandardDecoder:
     def finish(self, norm: np.ndarray, lm_head_kn: np.ndarray, quant: Quant, shared: dict) -> None:
         g = self.g
         hidden = self._norm_after(self.pending, g.shared(shared["model.norm.weight"]))
-        last = g.op1("Gather", [hidden, g.const("idx_last", np.array(-1, np.int64))], axis=1)
-        g.nodes.append(helper.make_node("Identity", [last], ["last_hidden_state"], name="last_hidden_state"))
-        logits = g.op1("MatMul", [last, g.shared(shared["lm_head.weight.T"])])
-        g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+        last = _last_position(g, hidden)
+        _name_output(g, g.op1("MatMul", [last, g.shared(shared["lm_head.weight.T"])]), "logits")
 
 
 # -- the writer --------------------------------------------------------------------------------------
@@ -561,6 +345,42 @@ def _cleanup_on_error(paths: list[Path]) -> Iterator[None]:
         for p in paths:
             p.unlink(missing_ok=True)
         raise
+
+
+def _write_layers(
+    src: ShardReader,
+    family: str,
+    builders: list[FusedDecoder | StandardDecoder],
+    quant: Quant,
+    n_layers: int,
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, TensorProto]:
+    """Every layer into every graph, one layer's weights in memory at a time; returns the shared references."""
+    shared: dict[str, TensorProto] = {}
+    for i in range(n_layers):
+        w = read_layer(src, family, i)
+        for b in builders:
+            b.layer(i, w, quant, shared)
+        del w
+        shared = {k: v for k, v in shared.items()}  # references only; the arrays are on disk
+        gc.collect()
+        if progress:
+            progress(i + 1, n_layers)
+    return shared
+
+
+def _write_head(
+    src: ShardReader,
+    builders: list[FusedDecoder | StandardDecoder],
+    quant: Quant,
+    shared: dict[str, TensorProto],
+) -> None:
+    """The final norm and the LM head (tied to the embeddings when the checkpoint has no lm_head)."""
+    norm = src.get("model.norm.weight")
+    head_name = "lm_head.weight" if "lm_head.weight" in src else "model.embed_tokens.weight"
+    head = np.ascontiguousarray(src.get(head_name).T)
+    for b in builders:
+        b.finish(norm, head, quant, shared)
 
 
 def write_decoders(
@@ -597,46 +417,22 @@ def write_decoders(
     cos, sin = rope_tables(cfg, dims, dims.max_position_embeddings)
     with _cleanup_on_error(paths):
         fused_g = Graph("m3d_decoder_fused", store)
-        builders: list = [FusedDecoder(fused_g, dims, eps, cos, sin)]
+        builders: list[FusedDecoder | StandardDecoder] = [FusedDecoder(fused_g, dims, eps, cos, sin)]
         std_g = None
         if standard:
             std_g = Graph("m3d_decoder_standard", store)
             builders.append(StandardDecoder(std_g, dims, eps, cos, sin))
-        shared: dict[str, TensorProto] = {}
-        for i in range(n_layers):
-            w = read_layer(src, cfg.family, i)
-            for b in builders:
-                b.layer(i, w, quant, shared)
-            del w
-            shared = {k: v for k, v in shared.items()}  # references only; the arrays are on disk
-            gc.collect()
-            if progress:
-                progress(i + 1, n_layers)
-        norm = src.get("model.norm.weight")
-        head_name = "lm_head.weight" if "lm_head.weight" in src else "model.embed_tokens.weight"
-        head = np.ascontiguousarray(src.get(head_name).T)
-        for b in builders:
-            b.finish(norm, head, quant, shared)
-        del head
+        shared = _write_layers(src, cfg.family, builders, quant, n_layers, progress)
+        _write_head(src, builders, quant, shared)
         store.close()
         # onnx's checker does not know onnxruntime's SimplifiedLayerNormalization (default domain); the
         # exporter validates the fused graph by running it instead
-        _save(fused_g.model(), out / fused_name, check=False)
+        save_model(fused_g.model(), out / fused_name, check=False)
         if std_g is not None:
-            _save(std_g.model(), out / standard_name, check=True)
+            save_model(std_g.model(), out / standard_name, check=True)
     return DecoderFiles(
         fused=fused_name,
         standard=standard_name if standard else None,
         data=[data.name],
         settings=quant.settings(),
     )
-
-
-def _save(model: onnx.ModelProto, path: Path, check: bool) -> None:
-    """Write the proto (nodes + external references only); ``check`` runs onnx's checker on the file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(model.SerializeToString())
-    if check:
-        onnx.checker.check_model(str(tmp))
-    os.replace(tmp, path)

@@ -39,6 +39,13 @@ def set_band_head(seg, band: tuple[float, float], ramp: float) -> None:
 
     ``band`` is in model-input units ([0, 1] after preprocessing); ``ramp`` is the width of each edge.
     """
+    _encode_block_means(seg)
+    _decode_band(seg.mask_decoder, _layer_norm_scale(seg), band, ramp)
+
+
+def _encode_block_means(seg) -> None:
+    """The encoder passes the means of each patch's eight sub-blocks through (channels 0-7), constants
+    on the others; attention, MLP and the decoder's image-to-token updates contribute nothing."""
     enc, dec = seg.image_encoder, seg.mask_decoder
     dim = enc.norm.weight.shape[0]
     pd, ph, pw = enc.patch_embedding.patch_size
@@ -66,13 +73,20 @@ def set_band_head(seg, band: tuple[float, float], ramp: float) -> None:
         layer.cross_attn_image_to_token.out_proj.bias.zero_()
         layer.norm4.weight.fill_(1.0)
         layer.norm4.bias.zero_()
-    # the scale of the three LayerNorms the sub-block means pass through (linear: constants dominate)
+
+
+def _layer_norm_scale(seg) -> float:
+    """The scale of the LayerNorms the sub-block means pass through (linear: constants dominate)."""
+    dim = seg.image_encoder.norm.weight.shape[0]
     probe = torch.cat([torch.full((8,), 0.5), _pattern(dim - 8)])
     x = probe
-    for _ in range(1 + len(dec.transformer.layers)):
+    for _ in range(1 + len(seg.mask_decoder.transformer.layers)):
         x = F.layer_norm(x, (dim,), eps=1e-5)
-    scale = float(x[0] / 0.5)
+    return float(x[0] / 0.5)
 
+
+def _decode_band(dec, scale: float, band: tuple[float, float], ramp: float) -> None:
+    """The upscaling turns each sub-block mean into a bump: > 0 inside ``band``, <= 0 outside."""
     up1, ln, up2 = dec.output_upscaling[0], dec.output_upscaling[1], dec.output_upscaling[3]
     c1 = up1.weight.shape[1]
     up1.weight.zero_()

@@ -22,7 +22,7 @@ The decoder gets two optimization profiles (``prefill``: 1..max_seq new tokens a
 ``decode``: one token) with a dynamic past length: the past keys/values are head-major
 ``[batch, kv_heads, past, head_dim]`` with ``past`` in 0..context-1, and the ``present`` outputs are the full
 cache ``[batch, kv_heads, total, head_dim]``, ``total`` = past + new in 1..context (the profiles come from the
-bundle's declaration, :func:`~m3d_edge.runtime.trt_backend.profile_shapes`). Plans go to ``engines/<dir>/<graph>.plan`` beside an
+bundle's declaration, :func:`~m3d_edge.runtime.trt_metadata.profile_shapes`). Plans go to ``engines/<dir>/<graph>.plan`` beside an
 ``engine.json`` (see :mod:`m3d_edge.runtime.trt_backend`); the builder's timing cache is shared across
 builds in ``engines/timing.cache``. A plan whose cache key (source sha256, GPU, TensorRT, precision,
 profiles, options) is unchanged is reused, not rebuilt.
@@ -33,30 +33,24 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from m3d_edge.bundle import GraphEntry, Manifest, read_manifest, sha256_file
 from m3d_edge.errors import BackendError, ExportError
-from m3d_edge.fileio import atomic_path, atomic_write_bytes
-from m3d_edge.runtime.trt_backend import (  # noqa: F401  (re-exported: the build API)
-    ENGINE_JSON,
+from m3d_edge.export.trt_builder import BuildProgress, autocast_fp16, build_plan, progress_monitor
+from m3d_edge.runtime.trt_device import Cuda, import_tensorrt
+from m3d_edge.runtime.trt_metadata import (
     ENGINE_SCHEMA,
     ENGINES_DIR,
     TIMING_CACHE,
-    Cuda,
-    TrtLogger,
-    axis_ranges,
-    check_engine_compatible,
+    ShapeRange,
     engine_cache_key,
     engine_dir_name,
     format_cc,
-    import_tensorrt,
     kv_cache_bytes,
-    profile_names,
     profile_shapes,
     profiles_json,
     read_engine_json,
@@ -65,7 +59,6 @@ from m3d_edge.runtime.trt_backend import (  # noqa: F401  (re-exported: the buil
 )
 
 GRAPHS = ("vision", "decoder", "seg_encoder", "seg_decoder")
-BuildProgress = Callable[[str, str], None]  # (graph or "graph/phase", event text)
 
 
 @dataclass
@@ -183,107 +176,151 @@ def _print_progress(name: str, event: str) -> None:
     print(f"  [{name}] {event}", file=sys.stderr, flush=True)
 
 
-def _progress_monitor(trt, graph: str, progress: BuildProgress):
-    """A TensorRT IProgressMonitor (10.x+) reporting top-level phases and every ~10% of their steps."""
-    if not hasattr(trt, "IProgressMonitor"):
-        return None
+@dataclass
+class _Build:
+    """What one ``build_engines`` call builds for: the bundle, this machine, the limits and options."""
 
-    class Monitor(trt.IProgressMonitor):
-        def __init__(self) -> None:
-            trt.IProgressMonitor.__init__(self)
-            self.steps: dict[str, int] = {}
+    bundle: Path
+    manifest: Manifest
+    trt: Any  # the tensorrt module
+    gpu: str
+    cc: str
+    version: str
+    max_batch: int
+    max_seq: int
+    workspace_gb: float
+    opt_level: int | None
+    force: bool
+    show: BuildProgress
 
-        def phase_start(self, phase_name, parent_phase, num_steps):
-            self.steps[phase_name] = max(int(num_steps), 1)
-            if parent_phase is None:
-                progress(graph, f"{phase_name} ({num_steps} steps)")
+    @property
+    def context(self) -> int:
+        return self.manifest.dims.context_length
 
-        def step_complete(self, phase_name, step):
-            n = self.steps.get(phase_name, 1)
-            if n >= 10 and (step + 1) % max(n // 10, 1) == 0:
-                progress(f"{graph}/{phase_name}", f"{step + 1}/{n}")
-            return True  # False would cancel the build
-
-        def phase_finish(self, phase_name):
-            self.steps.pop(phase_name, None)
-
-    return Monitor()
+    @property
+    def cache_path(self) -> Path:
+        return self.bundle / ENGINES_DIR / TIMING_CACHE
 
 
-def _autocast_fp16(src: Path, dst: Path) -> None:
-    """TensorRT 11's FP16 route: ModelOpt AutoCast FP32 -> mixed FP16 ONNX, I/O types kept."""
+@dataclass
+class _Source:
+    """What one graph's plan of one precision is built from, and the key that says it is unchanged."""
+
+    file: str
+    precision: str
+    sha256: dict[str, str]
+    note: str
+    typing: str
+    shapes: dict[str, list[ShapeRange]]
+    profiles: dict[str, Any]
+    key: str
+
+
+def _source(b: _Build, name: str, precision: str) -> _Source:
+    spec, dims = b.manifest.tensorrt_specs()[name], b.manifest.dims
+    file, src_prec, src_sha, note = select_source(b.bundle, b.manifest.tensorrt_entry(name), precision)
+    typing = network_typing(precision, b.version)
+    profiles = profiles_json(spec, dims, b.max_batch, b.max_seq, b.context)
+    options = {"workspace_gb": b.workspace_gb, "typing": typing, "source": src_prec, "opt_level": b.opt_level}
+    key = engine_cache_key(src_sha, b.gpu, b.cc, b.version, precision, profiles, options)
+    shapes = profile_shapes(spec, dims, b.max_batch, b.max_seq, b.context)
+    return _Source(file, src_prec, src_sha, note, typing, shapes, profiles, key)
+
+
+def _is_current(b: _Build, prev: dict[str, Any], src: _Source, plan: Path) -> bool:
+    """The plan on disk was built from the same key and is intact: reuse it."""
+    return (
+        not b.force
+        and prev.get("key") == src.key
+        and plan.is_file()
+        and sha256_file(plan) == prev.get("sha256")
+    )
+
+
+def _compile(b: _Build, name: str, precision: str, src: _Source, plan: Path) -> float:
+    """Build one plan (through ModelOpt AutoCast for FP16 on TensorRT 11); returns the seconds it took."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="m3d-trt.") as tmp:
+        onnx_file = b.bundle / src.file
+        if precision in ("fp16", "int8") and src.precision != "int8" and trt_major(b.version) >= 11:
+            onnx_file = Path(tmp) / f"{name}.fp16.onnx"
+            b.show(name, "converting to mixed FP16 with ModelOpt AutoCast")
+            autocast_fp16(b.bundle / src.file, onnx_file)
+        build_plan(
+            b.trt,
+            onnx_file,
+            plan,
+            src.shapes,
+            precision=precision,
+            source_precision=src.precision,
+            typing=src.typing,
+            workspace_gb=b.workspace_gb,
+            cache_path=b.cache_path,
+            monitor=progress_monitor(b.trt, name, b.show),
+            opt_level=b.opt_level,
+        )
+    return time.perf_counter() - t0
+
+
+def _build_graph(
+    b: _Build, folder: Path, name: str, precision: str, prev: dict[str, Any]
+) -> tuple[EngineInfo, dict[str, Any]]:
+    """One graph's plan in ``folder``, reused when current: its EngineInfo and ``engine.json`` entry."""
+    src = _source(b, name, precision)
+    plan = folder / f"{name}.plan"
+    if _is_current(b, prev, src, plan):
+        b.show(name, f"{precision}: up to date ({plan.relative_to(b.bundle)})")
+        size = plan.stat().st_size
+        return EngineInfo(
+            name, precision, plan, src.file, src.precision, src.typing, 0.0, size, True, src.note
+        ), prev
+    b.show(
+        name,
+        f"{precision}: building from {src.file} ({src.typing} typing){' - ' + src.note if src.note else ''}",
+    )
+    seconds = _compile(b, name, precision, src, plan)
+    info = EngineInfo(
+        name,
+        precision,
+        plan,
+        src.file,
+        src.precision,
+        src.typing,
+        seconds,
+        plan.stat().st_size,
+        False,
+        src.note,
+    )
+    b.show(name, f"{precision}: done in {info.seconds:.1f} s, {info.bytes / 1e6:.1f} MB")
+    return info, engine_entry(info, src.sha256, src.profiles, src.key, sha256_file(plan))
+
+
+def _build_folder(b: _Build, precision: str, graphs: tuple[str, ...]) -> list[EngineInfo]:
+    """Every asked graph of one precision into its engine folder, then the folder's ``engine.json``."""
+    folder = b.bundle / ENGINES_DIR / engine_dir_name(b.gpu, b.cc, b.version, precision)
+    folder.mkdir(exist_ok=True)
     try:
-        from modelopt.onnx.autocast import convert_to_mixed_precision
-    except ImportError as e:
-        raise ExportError(
-            "FP16 engines with TensorRT 11 need an FP16 ONNX from NVIDIA ModelOpt AutoCast "
-            f"(`pip install nvidia-modelopt[onnx]`), not importable here ({e})"
-        ) from e
-    import onnx
-
-    model = convert_to_mixed_precision(onnx_path=str(src), low_precision_type="fp16", keep_io_types=True)
-    try:
-        big = model.ByteSize() > (1 << 30)
-    except Exception:  # protobuf refuses to size messages over 2 GB
-        big = True
-    onnx.save(model, str(dst), save_as_external_data=big, location=dst.name + ".data" if big else None)
-
-
-def _build_plan(
-    trt,
-    src: Path,
-    plan_path: Path,
-    shapes: dict[str, list],
-    *,
-    precision: str,
-    source_precision: str,
-    typing: str,
-    workspace_gb: float,
-    cache_path: Path,
-    monitor: Any,
-    opt_level: int | None = None,
-) -> None:
-    logger = TrtLogger.get(trt)
-    builder = trt.Builder(logger)
-    if trt_major(trt.__version__) >= 11:
-        flags = 0  # strong typing is the only mode
-    elif typing == "strong":
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    else:
-        flags = 0  # 10.x: explicit batch is implied
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(src)):  # resolves external data beside the file
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"{src}: TensorRT's ONNX parser refused the graph: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 is on by default: keep FP32 engines FP32
-    if opt_level is not None:
-        config.builder_optimization_level = int(opt_level)  # 0..5, TensorRT's default 3
-    if typing == "weak":
-        if precision in ("fp16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8" and source_precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)  # explicit: the graph's Q/DQ scales, no calibrator
-    n_profiles = len(next(iter(shapes.values())))
-    for k in range(n_profiles):
-        profile = builder.create_optimization_profile()
-        for name, ranges in shapes.items():
-            lo, opt, hi = ranges[k]
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, False)  # ignore_mismatch=False: a cache from another device is not used
-    if monitor is not None:
-        config.progress_monitor = monitor
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise ExportError(f"{src}: TensorRT could not build a {precision} engine (see the log above)")
-    with atomic_path(plan_path) as tmp, open(tmp, "wb") as f:
-        f.write(plan)
-    atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+        old = read_engine_json(folder).get("graphs", {})
+    except BackendError:
+        old = {}
+    infos, entries = [], {}
+    for name in graphs:
+        info, entries[name] = _build_graph(b, folder, name, precision, old.get(name, {}))
+        infos.append(info)
+    data = engine_json(
+        b.manifest,
+        b.gpu,
+        b.cc,
+        b.version,
+        precision,
+        {**old, **entries},
+        max_batch=b.max_batch,
+        max_seq=b.max_seq,
+        context=b.context,
+        workspace_gb=b.workspace_gb,
+    )
+    write_engine_json(folder, data)
+    return infos
 
 
 def build_engines(
@@ -308,110 +345,27 @@ def build_engines(
     """
     bundle = Path(bundle)
     trt = import_tensorrt()
-    cuda = Cuda(device)
-    gpu, cc = cuda.device_info()
-    version = trt.__version__
+    gpu, cc = Cuda(device).device_info()
     manifest = read_manifest(bundle, verify=True)
-    dims, specs = manifest.dims, manifest.tensorrt_specs()  # the decoder: the standard-op graph
-    context = dims.context_length
-    max_seq = int(max_seq or context)
+    specs = manifest.tensorrt_specs()  # the decoder: the standard-op graph
     unknown = [g for g in graphs if g not in specs]
     if unknown:
         raise ExportError(f"{bundle}: no graph named {', '.join(unknown)}")
+    context = manifest.dims.context_length
+    b = _Build(
+        bundle=bundle,
+        manifest=manifest,
+        trt=trt,
+        gpu=gpu,
+        cc=cc,
+        version=trt.__version__,
+        max_batch=max_batch,
+        max_seq=int(max_seq or context),
+        workspace_gb=workspace_gb,
+        opt_level=opt_level,
+        force=force,
+        show=progress or _print_progress,
+    )
+    (bundle / ENGINES_DIR).mkdir(exist_ok=True)
     precisions = [p for p, on in (("fp16", fp16), ("int8", int8)) if on] or ["fp32"]
-    show = progress or _print_progress
-    root = bundle / ENGINES_DIR
-    root.mkdir(exist_ok=True)
-    cache_path = root / TIMING_CACHE
-    infos: list[EngineInfo] = []
-    for precision in precisions:
-        folder = root / engine_dir_name(gpu, cc, version, precision)
-        folder.mkdir(exist_ok=True)
-        try:
-            old = read_engine_json(folder).get("graphs", {})
-        except BackendError:
-            old = {}
-        entries: dict[str, dict[str, Any]] = {}
-        for name in graphs:
-            spec = specs[name]
-            file, src_prec, src_sha, note = select_source(bundle, manifest.tensorrt_entry(name), precision)
-            typing = network_typing(precision, version)
-            shapes = profile_shapes(spec, dims, max_batch, max_seq, context)
-            profiles = profiles_json(spec, dims, max_batch, max_seq, context)
-            options = {
-                "workspace_gb": workspace_gb,
-                "typing": typing,
-                "source": src_prec,
-                "opt_level": opt_level,
-            }
-            key = engine_cache_key(src_sha, gpu, cc, version, precision, profiles, options)
-            plan = folder / f"{name}.plan"
-            prev = old.get(name, {})
-            if (
-                not force
-                and prev.get("key") == key
-                and plan.is_file()
-                and sha256_file(plan) == prev.get("sha256")
-            ):
-                show(name, f"{precision}: up to date ({plan.relative_to(bundle)})")
-                entries[name] = prev
-                infos.append(
-                    EngineInfo(
-                        name, precision, plan, file, src_prec, typing, 0.0, plan.stat().st_size, True, note
-                    )
-                )
-                continue
-            show(name, f"{precision}: building from {file} ({typing} typing){' - ' + note if note else ''}")
-            t0 = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix="m3d-trt.") as tmp:
-                src = bundle / file
-                if precision in ("fp16", "int8") and src_prec != "int8" and trt_major(version) >= 11:
-                    src = Path(tmp) / f"{name}.fp16.onnx"
-                    show(name, "converting to mixed FP16 with ModelOpt AutoCast")
-                    _autocast_fp16(bundle / file, src)
-                _build_plan(
-                    trt,
-                    src,
-                    plan,
-                    shapes,
-                    precision=precision,
-                    source_precision=src_prec,
-                    typing=typing,
-                    workspace_gb=workspace_gb,
-                    cache_path=cache_path,
-                    monitor=_progress_monitor(trt, name, show),
-                    opt_level=opt_level,
-                )
-            info = EngineInfo(
-                name,
-                precision,
-                plan,
-                file,
-                src_prec,
-                typing,
-                time.perf_counter() - t0,
-                plan.stat().st_size,
-                False,
-                note,
-            )
-            entries[name] = engine_entry(info, src_sha, profiles, key, sha256_file(plan))
-            infos.append(info)
-            show(name, f"{precision}: done in {info.seconds:.1f} s, {info.bytes / 1e6:.1f} MB")
-        data = engine_json(
-            manifest,
-            gpu,
-            cc,
-            version,
-            precision,
-            {**old, **entries},
-            max_batch=max_batch,
-            max_seq=max_seq,
-            context=context,
-            workspace_gb=workspace_gb,
-        )
-        write_engine_json(folder, data)
-    return infos
-
-
-def infos_to_dicts(infos: list[EngineInfo]) -> list[dict[str, Any]]:
-    return [{**asdict(i), "plan": str(i.plan)} for i in infos]
+    return [info for precision in precisions for info in _build_folder(b, precision, graphs)]

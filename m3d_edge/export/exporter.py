@@ -9,14 +9,11 @@ the first two at the released sizes, where two whole models would not fit in mem
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tempfile
 import time
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,88 +21,50 @@ import torch
 from m3d_edge import __version__
 from m3d_edge.bundle import (
     EMBED_TABLE,
-    MANIFEST,
     TENSORRT_DECODER,
     TOKENIZER,
-    GraphEntry,
     GraphSpec,
     Manifest,
+    ModelDims,
     decoder_spec,
     graph_specs,
-    io_declaration,
     sha256_file,
-    write_manifest,
 )
 from m3d_edge.errors import ExportError
+from m3d_edge.export.bundle_writer import (
+    MAX_IR_VERSION,
+    BundleWriter,
+    ExportReport,
+    GraphReport,
+    Progress,
+    bundle_id,
+    export_graph,
+    graph_files,
+    preprocessing,
+    refuse_existing,
+)
 from m3d_edge.export.checkpoint import read_generation_config, read_json
 from m3d_edge.export.graphs import GRAPH_MODULES, DecoderGraph, example_inputs, model_dims
 from m3d_edge.fileio import atomic_path
 
-OPSET = 17
-MAX_IR_VERSION = 10  # Jetson and other older onnxruntime builds reject newer IR
-EXTERNAL_DATA_BYTES = 1 << 30  # graphs larger than this keep their weights in a side file
+if TYPE_CHECKING:  # decoder_onnx is imported when a decoder is written
+    from m3d_edge.export.decoder_onnx import DecoderFiles
+
+# re-exported: callers and tests read these from the exporter
+__all__ = [
+    "MAX_IR_VERSION",
+    "TOLERANCE",
+    "ExportReport",
+    "GraphReport",
+    "export_bundle",
+    "validate_decoder",
+]
+
 TOLERANCE = {"vision": 1e-4, "decoder": 1e-3, "decoder_std": 1e-3, "seg_encoder": 1e-4, "seg_decoder": 1e-3}
 ENCODERS = ("vision", "seg_encoder", "seg_decoder")
 FULL_VALIDATION_BYTES = 2 << 30  # decoders up to this size are validated whole; larger ones on 2 layers
 TRUNCATED_LAYERS = 2
 TOLERANCE.update(image_encoder=1e-4, text_encoder=1e-4)  # M3D-CLIP: gated on cosine (export/clip.py)
-
-
-@dataclass
-class GraphReport:
-    name: str
-    seconds: float
-    bytes: int
-    max_abs_diff: float | None = None
-
-
-@dataclass
-class ExportReport:
-    bundle: Path
-    graphs: list[GraphReport] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-Progress = Callable[[str, str], None]  # (graph name, event) where event is "start" | "done"
-
-
-def _export_graph(module: torch.nn.Module, spec: GraphSpec, args: tuple, path: Path) -> None:
-    """Trace one graph, cap its IR version and save it (weights as external data when large)."""
-    import onnx
-
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmpdir:
-        tmp = Path(tmpdir) / path.name  # torch writes the weights of >2 GB graphs beside it
-        # no_grad: the TorchScript tracer otherwise records autograd state and keeps every activation of
-        # the example pass alive (about 9 GB for the two ViT-B encoders at batch 2)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                args,
-                str(tmp),
-                input_names=spec.input_names(),
-                output_names=spec.output_names(),
-                dynamic_axes=spec.dynamic_axes(),
-                opset_version=OPSET,
-                dynamo=False,
-            )
-        proto = onnx.load(str(tmp))
-    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
-    large = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_BYTES
-    data_name = f"{path.name}.data"
-    (path.parent / data_name).unlink(missing_ok=True)
-    with atomic_path(path) as out:
-        onnx.save(
-            proto, str(out), save_as_external_data=large, all_tensors_to_one_file=True, location=data_name
-        )
-    onnx.checker.check_model(str(path))
-
-
-def _graph_files(bundle: Path, spec: GraphSpec) -> list[str]:
-    files = [spec.file]
-    if (bundle / f"{spec.file}.data").is_file():
-        files.append(f"{spec.file}.data")
-    return files
 
 
 def validate_graph(bundle: Path, spec: GraphSpec, module: torch.nn.Module, dims) -> float:
@@ -119,11 +78,6 @@ def validate_graph(bundle: Path, spec: GraphSpec, module: torch.nn.Module, dims)
     ref = ref if isinstance(ref, tuple) else (ref,)
     got = session.run(None, {n: a.numpy() for n, a in zip(spec.input_names(), args, strict=True)})
     return max(float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref, strict=True))
-
-
-def _bundle_id(family: str, manifest_files: dict[str, str]) -> str:
-    h = hashlib.sha256(json.dumps(manifest_files, sort_keys=True).encode()).hexdigest()
-    return f"m3d-{family}-{h[:12]}"
 
 
 def _decoder_feeds(spec_inputs: list[str], embeds: np.ndarray, past: list[np.ndarray], total: int) -> dict:
@@ -169,10 +123,135 @@ def validate_decoder(path: Path, module: torch.nn.Module, dims, layers: int, fus
     return worst
 
 
-def _sha256_cached(path: Path, cache: dict[Path, str]) -> str:
-    if path not in cache:
-        cache[path] = sha256_file(path)
-    return cache[path]
+def _check_options(precision: str, tensorrt_graph: bool | None) -> bool:
+    """Refuse an unknown precision; whether to write the standard-op decoder for TensorRT."""
+    from m3d_edge.export.decoder_onnx import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if tensorrt_graph is None:
+        tensorrt_graph = precision == "fp32"
+    if tensorrt_graph and precision != "fp32":
+        raise ExportError(
+            f"--tensorrt-graph needs --precision fp32 (TensorRT builds from FP32 weights), not {precision}"
+        )
+    return tensorrt_graph
+
+
+def _export_encoders(w: BundleWriter, model: torch.nn.Module, dims: ModelDims, validate: bool) -> None:
+    """Trace the vision and SegVol graphs, each checked against torch within :data:`TOLERANCE`."""
+    specs = graph_specs(dims)
+    for name in ENCODERS:
+        spec = specs[name]
+        t0 = w.begin(name)
+        module = GRAPH_MODULES[name](model).eval()
+        export_graph(module, spec, example_inputs(name, dims), w.out / spec.file)
+        diff = validate_graph(w.out, spec, module, dims) if validate else None
+        if diff is not None and diff > TOLERANCE[name]:
+            raise ExportError(
+                f"{w.out / spec.file}: ONNX output differs from torch by {diff:.2e} (> {TOLERANCE[name]})"
+            )
+        w.record(name, spec, graph_files(w.out, spec), t0, diff)
+        del module
+
+
+def _write_embed_table(out: Path, model: torch.nn.Module) -> list[int]:
+    """``embed.npy`` (the token embedding table, float32); returns its shape."""
+    table = model.model.embed_tokens.weight.detach().numpy().astype(np.float32)
+    with atomic_path(out / EMBED_TABLE) as tmp, open(tmp, "wb") as f:
+        np.save(f, table)
+    return list(table.shape)
+
+
+@dataclass
+class _Decoders:
+    """What writing the decoders leaves for the manifest."""
+
+    files: DecoderFiles  # the graphs' files and the writer's settings
+    diffs: dict[str, Any]  # validation: {"decoder", "decoder_std": max diff or None, "layers"}
+    decoders: dict[str, str]  # the manifest's backend -> graph map
+
+
+def _export_decoders(
+    w: BundleWriter,
+    ckpt: Path,
+    cfg: Any,
+    dims: ModelDims,
+    precision: str,
+    tensorrt_graph: bool,
+    validate: bool,
+    validate_layers: int | None,
+) -> _Decoders:
+    """The fused decoder (and the standard-op one for TensorRT), validated on the first layers."""
+    from m3d_edge.export.decoder_onnx import write_decoders
+
+    t0 = w.begin("decoder")
+    files = write_decoders(ckpt, cfg, dims, w.out, precision=precision, standard=tensorrt_graph)
+    diffs: dict[str, Any] = {"decoder": None, "decoder_std": None}
+    if validate:
+        diffs = _validate_decoders(ckpt, cfg, dims, w.out, precision, tensorrt_graph, validate_layers)
+    w.record(
+        "decoder", graph_specs(dims)["decoder"], [files.fused, *files.data], t0, diffs["decoder"], precision
+    )
+    decoders = {"onnxruntime": "decoder"}
+    if files.standard:
+        std_spec = decoder_spec(dims, standard=True)
+        w.record(TENSORRT_DECODER, std_spec, [files.standard, *files.data], t0, diffs["decoder_std"])
+        decoders["tensorrt"] = TENSORRT_DECODER
+    return _Decoders(files, diffs, decoders)
+
+
+def _token_ids(ckpt: Path) -> dict[str, Any]:
+    """The tokenizer's special ids, ``eos`` the sorted union of generation_config's and the tokenizer's."""
+    from m3d_edge.export.tokenizer import read_token_ids
+
+    token_ids = read_token_ids(ckpt)
+    eos = read_generation_config(ckpt).get("eos_token_id", token_ids["eos"])
+    eos = sorted({*(eos if isinstance(eos, list) else [eos]), token_ids["eos"]})
+    return {**token_ids, "eos": eos}
+
+
+def _lamed_manifest(
+    w: BundleWriter,
+    ckpt: Path,
+    cfg: Any,
+    dims: ModelDims,
+    embed_shape: list[int],
+    tok_sha: str,
+    dec: _Decoders,
+) -> Manifest:
+    tok_cfg = read_json(ckpt / "tokenizer_config.json")
+    return Manifest(
+        bundle_id=bundle_id(dims.family, w.graph_hashes()),
+        producer=f"m3d-edge {__version__}",
+        dims=dims,
+        token_ids=_token_ids(ckpt),
+        prompt={
+            "image_token": "<im_patch>",
+            "num_image_tokens": dims.num_image_tokens,
+            "splice_start": 1,
+            "add_bos": bool(tok_cfg.get("add_bos_token", True)),
+        },
+        preprocessing=preprocessing(dims.image_size),
+        generation={
+            "max_new_tokens": 256,
+            "do_sample": False,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "repetition_penalty": 1.0,
+        },
+        graphs=w.graphs,
+        embed={"file": EMBED_TABLE, "sha256": sha256_file(w.out / EMBED_TABLE), "shape": embed_shape},
+        tokenizer={"file": TOKENIZER, "sha256": tok_sha},
+        source={
+            "checkpoint": ckpt.name,
+            "model_type": cfg.raw["model_type"],
+            "config_sha256": sha256_file(ckpt / "config.json"),
+            "decoder_export": {**dec.files.settings, "validated_layers": dec.diffs.get("layers")},
+        },
+        decoders=dec.decoders,
+    )
 
 
 def export_bundle(
@@ -195,142 +274,35 @@ def export_bundle(
     parity within :data:`TOLERANCE`, the decoder on ``validate_layers`` layers) and was hashed; a failed
     export leaves no manifest behind.
     """
-    from m3d_edge.export.decoder_onnx import PRECISIONS, write_decoders
+    from m3d_edge.export.clip import export_clip_bundle, is_clip_checkpoint
     from m3d_edge.export.streamed import encoders_model
-    from m3d_edge.export.tokenizer import read_token_ids, write_tokenizer_json
+    from m3d_edge.export.tokenizer import write_tokenizer_json
 
     ckpt, out = Path(ckpt), Path(out)
-    from m3d_edge.export.clip import export_clip_bundle, is_clip_checkpoint
-
     if is_clip_checkpoint(ckpt):  # M3D-CLIP -> a retrieval bundle
         kw = {"allow_pickle": allow_pickle, "validate": validate, "overwrite": overwrite}
         return export_clip_bundle(ckpt, out, progress=progress, **kw)
     start = time.perf_counter()
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-    if tensorrt_graph is None:
-        tensorrt_graph = precision == "fp32"
-    if tensorrt_graph and precision != "fp32":
-        raise ExportError(
-            f"--tensorrt-graph needs --precision fp32 (TensorRT builds from FP32 weights), not {precision}"
-        )
-    if (out / MANIFEST).exists() and not overwrite:
-        raise ExportError(f"{out}: already holds a bundle (pass --overwrite to replace it)")
+    tensorrt_graph = _check_options(precision, tensorrt_graph)
+    refuse_existing(out, overwrite)
     model, cfg = encoders_model(ckpt, allow_pickle=allow_pickle)
     if not cfg.has_seg:
         raise ExportError(
             f"{ckpt}/config.json: no segmentation_module; m3d-edge exports M3D-LaMed with SegVol"
         )
     dims = model_dims(cfg)
-    specs = graph_specs(dims)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-    report = ExportReport(bundle=out)
-    graphs: dict[str, GraphEntry] = {}
-    hashes: dict[Path, str] = {}
-
-    def record(name: str, spec: GraphSpec, files: list[str], prec: str, t0: float, diff) -> None:
-        graphs[name] = GraphEntry(
-            file=files[0],
-            precision=prec,
-            default=prec,
-            sha256={f: _sha256_cached(out / f, hashes) for f in files},
-            opset=OPSET,
-            ir_version=MAX_IR_VERSION,
-            inputs=io_declaration(spec.inputs),
-            outputs=io_declaration(spec.outputs),
-        )
-        size = sum((out / f).stat().st_size for f in files)
-        report.graphs.append(GraphReport(name, time.perf_counter() - t0, size, diff))
-        if progress:
-            progress(name, "done")
-
-    for name in ENCODERS:
-        spec = specs[name]
-        if progress:
-            progress(name, "start")
-        t0 = time.perf_counter()
-        module = GRAPH_MODULES[name](model).eval()
-        _export_graph(module, spec, example_inputs(name, dims), out / spec.file)
-        diff = validate_graph(out, spec, module, dims) if validate else None
-        if diff is not None and diff > TOLERANCE[name]:
-            raise ExportError(
-                f"{out / spec.file}: ONNX output differs from torch by {diff:.2e} (> {TOLERANCE[name]})"
-            )
-        record(name, spec, _graph_files(out, spec), "fp32", t0, diff)
-        del module
-
-    table = model.model.embed_tokens.weight.detach().numpy().astype(np.float32)
-    with atomic_path(out / EMBED_TABLE) as tmp, open(tmp, "wb") as f:
-        np.save(f, table)
-    embed_shape = list(table.shape)
-    del model, table
-
-    if progress:
-        progress("decoder", "start")
-    t0 = time.perf_counter()
-    files = write_decoders(ckpt, cfg, dims, out, precision=precision, standard=tensorrt_graph)
-    decoder_files = [files.fused, *files.data]
-    diffs: dict[str, float | None] = {"decoder": None, "decoder_std": None}
-    if validate:
-        diffs = _validate_decoders(ckpt, cfg, dims, out, precision, tensorrt_graph, validate_layers)
-    record("decoder", specs["decoder"], decoder_files, precision, t0, diffs["decoder"])
-    decoders = {"onnxruntime": "decoder"}
-    if files.standard:
-        std_spec = decoder_spec(dims, standard=True)
-        record(TENSORRT_DECODER, std_spec, [files.standard, *files.data], "fp32", t0, diffs["decoder_std"])
-        decoders["tensorrt"] = TENSORRT_DECODER
-
+    w = BundleWriter(out, progress)
+    _export_encoders(w, model, dims, validate)
+    embed_shape = _write_embed_table(out, model)
+    del model
+    dec = _export_decoders(w, ckpt, cfg, dims, precision, tensorrt_graph, validate, validate_layers)
     tok_sha = write_tokenizer_json(ckpt, out / TOKENIZER)
-    token_ids = read_token_ids(ckpt)
-    gen_cfg = read_generation_config(ckpt)
-    eos = gen_cfg.get("eos_token_id", token_ids["eos"])
-    eos = sorted({*(eos if isinstance(eos, list) else [eos]), token_ids["eos"]})
-    tok_cfg = read_json(ckpt / "tokenizer_config.json")
-    manifest_files = {name: g.sha256 for name, g in graphs.items()}
-    manifest = Manifest(
-        bundle_id=_bundle_id(dims.family, manifest_files),
-        producer=f"m3d-edge {__version__}",
-        dims=dims,
-        token_ids={**token_ids, "eos": eos},
-        prompt={
-            "image_token": "<im_patch>",
-            "num_image_tokens": dims.num_image_tokens,
-            "splice_start": 1,
-            "add_bos": bool(tok_cfg.get("add_bos_token", True)),
-        },
-        preprocessing={
-            "image_size": list(dims.image_size),
-            "intensity": "minmax",
-            "crop_foreground": True,
-            "resize": "trilinear",
-            "align_corners": False,
-        },
-        generation={
-            "max_new_tokens": 256,
-            "do_sample": False,
-            "temperature": 1.0,
-            "top_p": 1.0,
-            "top_k": 0,
-            "repetition_penalty": 1.0,
-        },
-        graphs=graphs,
-        embed={"file": EMBED_TABLE, "sha256": sha256_file(out / EMBED_TABLE), "shape": embed_shape},
-        tokenizer={"file": TOKENIZER, "sha256": tok_sha},
-        source={
-            "checkpoint": ckpt.name,
-            "model_type": cfg.raw["model_type"],
-            "config_sha256": sha256_file(ckpt / "config.json"),
-            "decoder_export": {**files.settings, "validated_layers": diffs.get("layers")},
-        },
-        decoders=decoders,
-    )
-    write_manifest(out, manifest)
-    report.seconds = time.perf_counter() - start
-    return report
+    return w.finish(_lamed_manifest(w, ckpt, cfg, dims, embed_shape, tok_sha, dec), start)
 
 
-def _validate_decoders(ckpt, cfg, dims, out: Path, precision, standard, layers) -> dict:
+def _validate_decoders(
+    ckpt: Path, cfg: Any, dims: ModelDims, out: Path, precision: str, standard: bool, layers: int | None
+) -> dict[str, Any]:
     """Torch parity of the decoder graph structure on the first ``layers`` layers (module docstring).
 
     The fp32 graphs of the bundle are checked directly when all layers are validated; otherwise (and for

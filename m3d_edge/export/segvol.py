@@ -158,7 +158,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
         self.layers = nn.ModuleList(
-            nn.Linear(n, k) for n, k in zip(dims, dims[1:] + [output_dim], strict=True)
+            nn.Linear(n, k) for n, k in zip(dims, [*dims[1:], output_dim], strict=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 from m3d_edge.errors import ExportError
 from m3d_edge.export.checkpoint import LamedConfig, check_keys, load_state_dict, read_config, weight_files
-from m3d_edge.export.decoder_onnx import ShardReader
+from m3d_edge.export.decoder_weights import ShardReader
 
 LAYER_PREFIX = "model.layers."
 

@@ -52,7 +52,7 @@ def teach_answers(
     for (task, target), answer in ANSWERS.items():
         prompt = build_prompt(question_for(task, target), "<im_patch>", 256, TASKS[task].space)
         examples.append(
-            (tokenizer.encode(prompt), tokenizer.encode(answer, add_special_tokens=False) + [eos_id])
+            (tokenizer.encode(prompt), [*tokenizer.encode(answer, add_special_tokens=False), eos_id])
         )
     trainable = ("model.embed_tokens", "model.layers", "model.norm", "lm_head")
     params = [p for name, p in model.named_parameters() if name.startswith(trainable)]

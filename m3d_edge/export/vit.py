@@ -29,7 +29,7 @@ class PatchEmbedding(nn.Module):
         self.position_embeddings = nn.Parameter(torch.zeros(1, n, hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, d, h, w = x.shape
+        b, c = x.shape[:2]
         (p1, p2, p3), (g1, g2, g3) = self.patch_size, self.grid
         # "b c (h p1) (w p2) (d p3) -> b (h w d) (p1 p2 p3 c)"
         x = x.reshape(b, c, g1, p1, g2, p2, g3, p3).permute(0, 2, 4, 6, 3, 5, 7, 1)
