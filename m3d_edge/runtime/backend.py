@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 
-from m3d_edge.bundle import GraphSpec
+from m3d_edge.bundle import GraphSpec, Manifest
 from m3d_edge.errors import BackendError
+from m3d_edge.runtime.protocols import Array
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class GraphSession:
         available = set(ort.get_available_providers())
         chain = [(p, o) for p, o in options.providers(Path(path).parent / ORT_TRT_CACHE) if p in available]
         if options.provider == "tensorrt":
-            Path(chain[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+            Path(str(chain[0][1]["trt_engine_cache_path"])).mkdir(parents=True, exist_ok=True)
         try:
             self.session = ort.InferenceSession(
                 str(path),
@@ -151,20 +151,20 @@ class GraphSession:
                 f"{path}: graph inputs/outputs do not match the bundle declaration of {spec.name!r}"
             )
         self.spec = spec
-        self.provider = running[0]
+        self.provider: str = running[0]
         self.binding = self.session.io_binding()
         self.seconds = 0.0  # time spent inside onnxruntime
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, Array]) -> dict[str, Array]:
         t0 = time.perf_counter()
         try:
-            out = self.session.run(None, inputs)
+            out: list[Array] = self.session.run(None, inputs)
         except Exception as e:
             raise BackendError(f"{self.spec.name}: onnxruntime failed ({e})") from e
         self.seconds += time.perf_counter() - t0
         return dict(zip(self.spec.output_names(), out, strict=True))
 
-    def run_bound(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+    def run_bound(self, inputs: dict[str, Array], outputs: dict[str, Array]) -> None:
         """Run with every input and output bound to the given C-contiguous CPU buffers (zero copy)."""
         b = self.binding
         for name, arr in inputs.items():
@@ -180,6 +180,38 @@ class GraphSession:
 
     def end_profiling(self) -> str | None:
         try:
-            return self.session.end_profiling() or None
+            profile: str = self.session.end_profiling()
+            return profile or None
         except Exception:  # profiling was not enabled
             return None
+
+
+@dataclass
+class OpenedGraphs:
+    """A bundle's graphs opened as ONNX Runtime sessions, and the precision each one runs."""
+
+    sessions: dict[str, GraphSession]
+    precisions: dict[str, str]
+    fallbacks: dict[str, str]  # graph -> what runs instead of the one precision asked for all
+
+
+def open_graph_sessions(
+    bundle: Path, manifest: Manifest, options: BackendOptions, precision: str | dict[str, str] | None
+) -> OpenedGraphs:
+    """One :class:`GraphSession` per graph of the manifest, at the precision asked for or its default.
+
+    ``precision``: one name applies to every graph that has that variant (the others keep their default,
+    recorded in ``fallbacks``); a dict names it per graph (and must exist there: ``resolve`` refuses).
+    """
+    opened = OpenedGraphs({}, {}, {})
+    for name, spec in manifest.specs().items():
+        entry = manifest.graphs[name]
+        if isinstance(precision, dict):
+            want = precision.get(name)
+        else:
+            want = precision if precision in (entry.precision, *entry.variants) else None
+        file, opened.precisions[name] = entry.resolve(want)
+        if isinstance(precision, str) and want is None:
+            opened.fallbacks[name] = f"{opened.precisions[name]} (no {precision} variant)"
+        opened.sessions[name] = GraphSession(bundle / file, spec, options)
+    return opened

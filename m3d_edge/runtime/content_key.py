@@ -15,7 +15,7 @@ from m3d_edge.errors import StudyError
 _CHUNK = 1 << 20
 
 
-def _feed(h, path: Path) -> None:
+def _feed(h: hashlib.blake2b, path: Path) -> None:
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
             h.update(block)

@@ -12,12 +12,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from m3d_edge.bundle import ModelDims, kv_names
 from m3d_edge.errors import GenerationError
-from m3d_edge.runtime.protocols import BoundSession, Cache, DecoderBackend
+from m3d_edge.runtime.protocols import Array, BoundSession, CacheT, DecoderBackend
+
+Floats = NDArray[np.float32]
 
 
 class KVCache:
@@ -44,11 +48,13 @@ class KVCache:
 class Decoder:
     """Runs the fused decoder graph over a :class:`KVCache` with IO binding; no per-step allocation."""
 
-    def __init__(self, session: BoundSession, dims: ModelDims, embed_table: np.ndarray) -> None:
+    def __init__(
+        self, session: BoundSession, dims: ModelDims, embed_table: NDArray[np.floating[Any]]
+    ) -> None:
         self.session, self.dims, self.embed_table = session, dims, embed_table
-        self.logits = np.zeros((1, dims.vocab_size), np.float32)
-        self.hidden = np.zeros((1, dims.hidden_size), np.float32)
-        self.token_embeds = np.zeros((1, 1, dims.hidden_size), np.float32)
+        self.logits: Floats = np.zeros((1, dims.vocab_size), np.float32)
+        self.hidden: Floats = np.zeros((1, dims.hidden_size), np.float32)
+        self.token_embeds: Floats = np.zeros((1, 1, dims.hidden_size), np.float32)
         self._mask = np.ones((1, 0), np.int64)
 
     def new_cache(self, max_len: int) -> KVCache:
@@ -56,16 +62,16 @@ class Decoder:
             self._mask = np.ones((1, max_len), np.int64)
         return KVCache(self.dims, max_len)
 
-    def step(self, cache: KVCache, embeds: np.ndarray, ids: list[int]) -> None:
+    def step(self, cache: KVCache, embeds: Floats, ids: list[int]) -> None:
         """Feed ``embeds [1, n, H]`` (whose tokens are ``ids``) after the cached prefix; fills logits/hidden."""
         past, n = cache.length, embeds.shape[1]
         if past + n > cache.max_len:
             raise GenerationError(f"KV cache full: {past} + {n} tokens exceed its {cache.max_len} positions")
-        inputs = {
+        inputs: dict[str, Array] = {
             "inputs_embeds": np.ascontiguousarray(embeds, np.float32),
             "attention_mask": self._mask[:, : past + n],  # its width tells the graph the total length
         }
-        outputs = {"logits": self.logits, "last_hidden_state": self.hidden}
+        outputs: dict[str, Array] = {"logits": self.logits, "last_hidden_state": self.hidden}
         for i in range(self.dims.num_layers):
             pk, pv, nk, nv = kv_names(i)
             inputs[pk] = outputs[nk] = cache.buffers[2 * i]  # the same memory: written in place
@@ -92,9 +98,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
 
 
-def filtered_probs(logits: np.ndarray, params: SamplingParams, generated: list[int]) -> np.ndarray:
+def filtered_probs(logits: Floats, params: SamplingParams, generated: list[int]) -> NDArray[np.float64]:
     """The distribution a token is drawn from: repetition penalty, bias, temperature, top-k, top-p."""
-    x = logits.astype(np.float64).copy()
+    x: NDArray[np.float64] = logits.astype(np.float64).copy()
     if params.repetition_penalty != 1.0 and generated:
         seen = np.unique(generated)
         x[seen] = np.where(
@@ -110,7 +116,7 @@ def filtered_probs(logits: np.ndarray, params: SamplingParams, generated: list[i
     if 0 < params.top_k < x.size:
         kth = np.partition(x, -params.top_k)[-params.top_k]
         x[x < kth] = -np.inf
-    p = np.exp(x - x.max())
+    p: NDArray[np.float64] = np.exp(x - x.max())
     p /= p.sum()
     if params.top_p < 1.0:
         order = np.argsort(p, kind="stable")  # ascending, like transformers' TopPLogitsWarper
@@ -120,7 +126,7 @@ def filtered_probs(logits: np.ndarray, params: SamplingParams, generated: list[i
     return p
 
 
-def sample(logits: np.ndarray, params: SamplingParams, generated: list[int], rng: np.random.Generator) -> int:
+def sample(logits: Floats, params: SamplingParams, generated: list[int], rng: np.random.Generator) -> int:
     if not params.do_sample and not params.logit_bias and params.repetition_penalty == 1.0:
         return int(np.argmax(logits))
     p = filtered_probs(logits, params, generated)
@@ -147,16 +153,16 @@ class TextStream:
 @dataclass
 class Generation:
     tokens: list[int]
-    hidden: list[np.ndarray]  # hidden[k] is the post-norm state that predicted tokens[k]
+    hidden: list[Floats]  # hidden[k] is the post-norm state that predicted tokens[k]
     stop_reason: str  # "eos" | "stop_string" | "max_new_tokens"
     prefill_seconds: float
     step_seconds: list[float]
 
 
 def generate(
-    decoder: DecoderBackend,
-    cache: Cache,
-    embeds: np.ndarray,
+    decoder: DecoderBackend[CacheT],
+    cache: CacheT,
+    embeds: Floats,
     ids: list[int],
     *,
     max_new_tokens: int,
@@ -188,7 +194,7 @@ def generate(
     prefill = time.perf_counter() - t0
     stream = TextStream(decode) if (on_text or stop_strings) and decode else None
     tokens: list[int] = []
-    hidden: list[np.ndarray] = []
+    hidden: list[Floats] = []
     steps: list[float] = []
     reason = "max_new_tokens"
     while True:
@@ -196,7 +202,7 @@ def generate(
         tokens.append(token)
         if keep_hidden:
             hidden.append(decoder.hidden[0].copy())
-        if stream:
+        if stream and decode is not None:
             delta = stream.push(tokens)
             if delta and on_text:
                 on_text(delta)

@@ -13,6 +13,9 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+from numpy.typing import NDArray
+
 from m3d_edge.errors import PromptError, StudyError
 from m3d_edge.fileio import atomic_write_text
 from m3d_edge.runtime.result import Result
@@ -99,71 +102,114 @@ def write_outputs(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = output_names(stem)
-    bundle_id = str(result.provenance.get("bundle_id", "m3d-edge"))  # the SEG/SR creator: the bundle
-    bundle_version = str(result.provenance.get("producer", "m3d-edge"))
     if result.target is None:
         result.target = segment_label(result) if result.task in ("segment", "refer_segment") else None
     written: dict[str, str] = {}
     failed: list[str] = []
-    if result.mask is None and explicit and ("nifti" in formats or "seg" in formats):
-        result.notes.append("no mask in the answer (no [SEG] token): no mask file written")
-
-    if result.mask is not None and ("nifti" in formats or "seg" in formats):
-        from m3d_edge.runtime.imaging import mask_to_source, write_nifti_mask
-        from m3d_edge.runtime.result import identity_record
-
-        record = result.record or identity_record()
-        source_mask = mask_to_source(result.mask, record)
-        result.source_mask_voxels = int(source_mask.sum())
-        if "nifti" in formats:
-            path = write_nifti_mask(source_mask, record.source_geometry, out_dir / names["nifti"])
-            written["nifti"] = str(path)
-        study = result.study
-        dicom = study is not None and getattr(study, "kind", None) == "dicom"
-        applies = dicom and not getattr(study, "resampled", False)
-        if "seg" in formats and not applies:
-            why = "the series was resampled" if dicom else f"the study is not DICOM ({_kind(result)})"
-            if explicit:
-                failed.append(f"DICOM SEG not written: {why}; a SEG references a DICOM source series")
-            else:
-                result.notes.append(f"DICOM SEG not written: {why}")
-        elif "seg" in formats:
-            from m3d_edge.runtime.imaging import write_dicom_seg
-
-            try:
-                path = write_dicom_seg(
-                    source_mask,
-                    study,
-                    out_dir / names["seg"],
-                    label=segment_label(result),
-                    bundle_id=bundle_id,
-                    bundle_version=bundle_version,
-                )
-                written["seg"] = str(path)
-            except StudyError as exc:
-                failed.append(f"DICOM SEG not written: {exc}")
-
+    _write_mask_outputs(
+        result, formats, explicit, out_dir / names["nifti"], out_dir / names["seg"], written, failed
+    )
     if "sr" in formats:
-        study = result.study
-        if study is not None and getattr(study, "kind", None) == "dicom":
-            from m3d_edge.runtime.imaging.sr import write_dicom_sr
-
-            try:
-                path = write_dicom_sr(
-                    result, study, out_dir / names["sr"], bundle_id=bundle_id, seg_path=written.get("seg")
-                )
-                written["sr"] = str(path)
-            except StudyError as exc:
-                failed.append(f"DICOM SR not written: {exc}")
-        else:
-            failed.append(f"DICOM SR not written: the study is not DICOM ({_kind(result)})")
-
+        _write_sr(result, out_dir / names["sr"], written, failed)
     result.outputs.update(written)
     if failed:
         raise StudyError(f"{out_dir}: " + "; ".join(failed))
     if "json" in formats:
-        json_path = out_dir / names["json"]
-        result.outputs["json"] = str(json_path)
-        written["json"] = str(json_path)
-        atomic_write_text(json_path, result.to_json(relative_to=out_dir) + "\n")
+        written["json"] = _write_json(result, out_dir, out_dir / names["json"])
     return written
+
+
+def _creator(result: Result) -> tuple[str, str]:
+    """The SEG/SR creator: the bundle's id and producer, from the result's provenance."""
+    return (
+        str(result.provenance.get("bundle_id", "m3d-edge")),
+        str(result.provenance.get("producer", "m3d-edge")),
+    )
+
+
+def _write_mask_outputs(
+    result: Result,
+    formats: tuple[str, ...],
+    explicit: bool,
+    nifti_path: Path,
+    seg_path: Path,
+    written: dict[str, str],
+    failed: list[str],
+) -> None:
+    """The mask on the source grid: NIfTI and DICOM SEG (each when asked for and applicable)."""
+    wants_mask = "nifti" in formats or "seg" in formats
+    if result.mask is None:
+        if explicit and wants_mask:
+            result.notes.append("no mask in the answer (no [SEG] token): no mask file written")
+        return
+    if not wants_mask:
+        return
+    from m3d_edge.runtime.imaging import mask_to_source, write_nifti_mask
+    from m3d_edge.runtime.result import identity_record
+
+    record = result.record or identity_record()
+    source_mask = mask_to_source(result.mask, record)
+    result.source_mask_voxels = int(source_mask.sum())
+    if "nifti" in formats:
+        written["nifti"] = str(write_nifti_mask(source_mask, record.source_geometry, nifti_path))
+    if "seg" in formats:
+        _write_seg(result, source_mask, explicit, seg_path, written, failed)
+
+
+def _write_seg(
+    result: Result,
+    source_mask: NDArray[np.bool_],
+    explicit: bool,
+    path: Path,
+    written: dict[str, str],
+    failed: list[str],
+) -> None:
+    """A DICOM SEG referencing the source series; refused for a resampled or non-DICOM study."""
+    study = result.study
+    dicom = study is not None and getattr(study, "kind", None) == "dicom"
+    if not dicom or getattr(study, "resampled", False):
+        why = "the series was resampled" if dicom else f"the study is not DICOM ({_kind(result)})"
+        if explicit:
+            failed.append(f"DICOM SEG not written: {why}; a SEG references a DICOM source series")
+        else:
+            result.notes.append(f"DICOM SEG not written: {why}")
+        return
+    from m3d_edge.runtime.imaging import write_dicom_seg
+
+    bundle_id, bundle_version = _creator(result)
+    try:
+        written["seg"] = str(
+            write_dicom_seg(
+                source_mask,
+                study,
+                path,
+                label=segment_label(result),
+                bundle_id=bundle_id,
+                bundle_version=bundle_version,
+            )
+        )
+    except StudyError as exc:
+        failed.append(f"DICOM SEG not written: {exc}")
+
+
+def _write_sr(result: Result, path: Path, written: dict[str, str], failed: list[str]) -> None:
+    """A Comprehensive 3D SR of a DICOM study (referencing the SEG when one was written)."""
+    study = result.study
+    if study is None or getattr(study, "kind", None) != "dicom":
+        failed.append(f"DICOM SR not written: the study is not DICOM ({_kind(result)})")
+        return
+    from m3d_edge.runtime.imaging.sr import write_dicom_sr
+
+    try:
+        written["sr"] = str(
+            write_dicom_sr(result, study, path, bundle_id=_creator(result)[0], seg_path=written.get("seg"))
+        )
+    except StudyError as exc:
+        failed.append(f"DICOM SR not written: {exc}")
+
+
+def _write_json(result: Result, out_dir: Path, path: Path) -> str:
+    """The result JSON, last (its presence means the whole result is on disk); returns its path."""
+    result.outputs["json"] = str(path)
+    atomic_write_text(path, result.to_json(relative_to=out_dir) + "\n")
+    return str(path)

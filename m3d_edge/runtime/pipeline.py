@@ -16,14 +16,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 from tokenizers import Tokenizer
 
-from m3d_edge.bundle import Manifest, read_manifest
-from m3d_edge.errors import BundleError, GenerationError, PromptError, StudyError
-from m3d_edge.runtime.backend import BackendOptions, GraphSession
+from m3d_edge.bundle import Manifest, ModelDims, read_manifest
+from m3d_edge.errors import BackendError, BundleError, GenerationError, PromptError, StudyError
+from m3d_edge.runtime.backend import BackendOptions, open_graph_sessions
 from m3d_edge.runtime.generate import Decoder, SamplingParams, generate
 from m3d_edge.runtime.prompts import (
     SEG_FORCE_BIAS,
@@ -34,9 +35,15 @@ from m3d_edge.runtime.prompts import (
     question_for,
     resolve_prompt_format,
 )
-from m3d_edge.runtime.protocols import Cache, DecoderBackend
+from m3d_edge.runtime.protocols import Array, Cache, DecoderBackend, Graph, Session
 from m3d_edge.runtime.result import Result
 from m3d_edge.runtime.study_cache import StudyCache
+
+if TYPE_CHECKING:
+    from m3d_edge.runtime.imaging.preprocess import PreprocessRecord
+    from m3d_edge.runtime.imaging.study import Study
+
+StudyInput = str | Path | ArrayLike  # a study path, or a volume already on the model grid
 
 CACHE_ROUND = 256  # KV cache sizes are rounded up to this, so a chat rarely regrows it
 
@@ -46,11 +53,11 @@ class StudyState:
     """What the pipeline remembers about one study between questions."""
 
     key: str
-    image: np.ndarray  # [1, 1, D, H, W] float32 in [0, 1]
-    image_embeds: np.ndarray  # [1, N, H]
-    record: Any = None  # the imaging geometry record, when the study came from a file
-    study: Any = None  # the loaded study (for writing outputs on its grid)
-    seg_embedding: np.ndarray | None = None
+    image: NDArray[np.float32]  # [1, 1, D, H, W] float32 in [0, 1]
+    image_embeds: Array  # [1, N, H]
+    record: PreprocessRecord | None = None  # the imaging geometry record, when the study came from a file
+    study: Study | None = None  # the loaded study (for writing outputs on its grid)
+    seg_embedding: Array | None = None
     cache: Cache | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -60,7 +67,7 @@ def files_key(content: str) -> str:
     return f"files:{content}"
 
 
-def _study_key(study: Any) -> str:
+def _study_key(study: StudyInput) -> str:
     """Identity of a study for the per-study cache: a hash of its files' content, or the array's content."""
     if isinstance(study, str | Path):
         from m3d_edge.runtime.content_key import content_key
@@ -71,10 +78,10 @@ def _study_key(study: Any) -> str:
     return f"array:{data.shape}:{hashlib.blake2b(data.tobytes(), digest_size=16).hexdigest()}"
 
 
-def load_embed_table(path: Path) -> np.ndarray:
+def load_embed_table(path: Path) -> NDArray[np.floating[Any]]:
     """The bundle's embedding table, memory-mapped; never unpickles (an object array is refused)."""
     try:
-        table = np.load(path, mmap_mode="r", allow_pickle=False)
+        table: object = np.load(path, mmap_mode="r", allow_pickle=False)
     except OSError as e:
         raise BundleError(f"{path}: unreadable ({e.strerror or type(e).__name__})") from None
     except Exception as e:  # "Object arrays cannot be loaded when allow_pickle=False", a bad header
@@ -106,8 +113,10 @@ class Pipeline:
             raise BundleError(
                 f"{bundle}: a {manifest.kind} bundle (M3D-CLIP); use `m3d-edge search` / Retriever"
             )
+        if not isinstance(manifest.dims, ModelDims):
+            raise BundleError(f"{bundle}: the manifest's dims are not an M3D-LaMed model's")
         self.bundle, self.manifest, self.options = bundle, manifest, options
-        self.dims = manifest.dims
+        self.dims: ModelDims = manifest.dims
         self.embed_table = load_embed_table(bundle / manifest.embed["file"])
         if tuple(self.embed_table.shape) != (self.dims.vocab_size, self.dims.hidden_size):
             raise BundleError(
@@ -122,35 +131,25 @@ class Pipeline:
             self._open_sessions(precision)
         ids = manifest.token_ids
         self.seg_id, self.eos_ids = int(ids["seg"]), {int(i) for i in ids["eos"]}
-        self.studies = StudyCache()  # by content key; the default budget keeps the last study only
+        self.studies: StudyCache[StudyState] = (
+            StudyCache()
+        )  # by content key; the default budget keeps the last study only
 
     def _open_sessions(self, precision: str | dict[str, str] | None) -> None:
         """ONNX Runtime sessions, each graph at the precision asked for or the manifest's default."""
-        self.sessions: dict[str, Any] = {}
-        self.precisions: dict[str, str] = {}
-        specs = self.manifest.specs()
         if isinstance(precision, str):  # a precision no graph has is refused, never run as another one
-            have = {
-                p
-                for n in specs
-                for p in (self.manifest.graphs[n].precision, *self.manifest.graphs[n].variants)
-            }
+            have = {p for g in self.manifest.graphs.values() for p in (g.precision, *g.variants)}
             if precision not in have:
                 raise BundleError(
                     f"{self.bundle}: no graph has a {precision} variant (this bundle has "
                     f"{', '.join(sorted(have))}); `m3d-edge calibrate BUNDLE --data DIR` writes INT8/INT4 variants"
                 )
-        for name, spec in specs.items():
-            entry = self.manifest.graphs[name]
-            if isinstance(precision, dict):
-                want = precision.get(name)  # must exist: resolve() refuses a missing variant
-            else:  # one name for all: graphs without that variant keep their default, recorded
-                want = precision if precision in (entry.precision, *entry.variants) else None
-            file, self.precisions[name] = entry.resolve(want)
-            if isinstance(precision, str) and want is None:
-                self.precision_fallbacks[name] = f"{self.precisions[name]} (no {precision} variant)"
-            self.sessions[name] = GraphSession(self.bundle / file, spec, self.options)
-        self.decoder: DecoderBackend = Decoder(self.sessions["decoder"], self.dims, self.embed_table)
+        opened = open_graph_sessions(self.bundle, self.manifest, self.options, precision)
+        self.sessions: dict[str, Graph] = dict(opened.sessions)
+        self.precisions, self.precision_fallbacks = opened.precisions, opened.fallbacks
+        # the cache type is the backend's own (KVCache here, TrtKVCache there): the pipeline only hands
+        # back what decoder.new_cache made
+        self.decoder: DecoderBackend[Any] = Decoder(opened.sessions["decoder"], self.dims, self.embed_table)
 
     def _open_engines(self, precision: str | dict[str, str] | None) -> None:
         """Native TensorRT plans built by ``m3d-edge build-engines`` for this GPU (KV cache on the device)."""
@@ -197,12 +196,12 @@ class Pipeline:
         else:
             self.studies.put(value.key, value)
 
-    def forget(self, study: Any) -> bool:
+    def forget(self, study: StudyInput) -> bool:
         """Drop a study's cached state (call before its files are removed); True if it was cached."""
         return self.studies.discard(_study_key(study))
 
     def prepare(
-        self, study: Any, window: str = "m3d", series: str | None = None, allow_resample: bool = False
+        self, study: StudyInput, window: str = "m3d", series: str | None = None, allow_resample: bool = False
     ) -> StudyState:
         """Load and preprocess a study (path or array) and run the vision graph, once per study.
 
@@ -214,7 +213,8 @@ class Pipeline:
         state = self.studies.get(key)
         if state is not None:
             return state
-        loaded = record = None
+        loaded: Study | None = None
+        record: PreprocessRecord | None = None
         if isinstance(study, str | Path):
             from m3d_edge.runtime.imaging import load_study, preprocess
 
@@ -225,7 +225,12 @@ class Pipeline:
         return self.adopt(key, volume, record, loaded, study if isinstance(study, str | Path) else "array")
 
     def adopt(
-        self, key: str, volume: np.ndarray, record: Any = None, loaded: Any = None, where: Any = "array"
+        self,
+        key: str,
+        volume: NDArray[np.floating[Any]],
+        record: PreprocessRecord | None = None,
+        loaded: Study | None = None,
+        where: str | Path = "array",
     ) -> StudyState:
         """Run the vision graph on a study preprocessed elsewhere (e.g. a Ray CPU task) and cache it.
 
@@ -235,15 +240,22 @@ class Pipeline:
             raise StudyError(f"{where}: volume of shape {volume.shape} is not {self.dims.image_size}")
         image = np.ascontiguousarray(volume.reshape(1, 1, *self.dims.image_size), dtype=np.float32)
         t0 = time.perf_counter()
-        embeds = self.sessions["vision"].run({"image": image})["image_embeds"]
+        embeds = self._run("vision", {"image": image})["image_embeds"]
         state = StudyState(key, image, embeds, record, loaded, timings={"vision": time.perf_counter() - t0})
         self.studies.put(key, state)
         return state
 
-    def seg_embedding(self, state: StudyState) -> np.ndarray:
+    def _run(self, graph: str, inputs: dict[str, Array]) -> dict[str, Array]:
+        """Run one of the graphs that take and give named tensors (every graph but the TensorRT decoder)."""
+        session = self.sessions[graph]
+        if not isinstance(session, Session):
+            raise BackendError(f"{graph}: this backend runs it only through the decoder loop")
+        return session.run(inputs)
+
+    def seg_embedding(self, state: StudyState) -> Array:
         if state.seg_embedding is None:
             t0 = time.perf_counter()
-            state.seg_embedding = self.sessions["seg_encoder"].run({"image": state.image})["image_embedding"]
+            state.seg_embedding = self._run("seg_encoder", {"image": state.image})["image_embedding"]
             state.timings["seg_encoder"] = time.perf_counter() - t0
         return state.seg_embedding
 
@@ -253,10 +265,10 @@ class Pipeline:
         text = build_prompt(question, p["image_token"], p["num_image_tokens"], space)
         return self.tokenizer.encode(text).ids
 
-    def embed(self, ids: list[int], image_embeds: np.ndarray) -> np.ndarray:
+    def embed(self, ids: list[int], image_embeds: Array) -> NDArray[np.float32]:
         """Token embeddings with positions ``splice_start ..`` replaced by the image features (M3D's splice)."""
-        embeds = self.embed_table[np.asarray(ids)][None].astype(np.float32)
-        start, n = self.manifest.prompt["splice_start"], image_embeds.shape[1]
+        embeds: NDArray[np.float32] = self.embed_table[np.asarray(ids)][None].astype(np.float32)
+        start, n = int(self.manifest.prompt["splice_start"]), image_embeds.shape[1]
         embeds[:, start : start + n] = image_embeds
         return embeds
 
@@ -266,7 +278,7 @@ class Pipeline:
     # -- asking ----------------------------------------------------------------------------------
     def ask(
         self,
-        study: Any,
+        study: StudyInput,
         question: str | None = None,
         *,
         task: str | None = None,
@@ -335,9 +347,7 @@ class Pipeline:
             seg_cached = state.seg_embedding is not None
             emb = self.seg_embedding(state)
             t0 = time.perf_counter()
-            logits = self.sessions["seg_decoder"].run(
-                {"image_embedding": emb, "seg_hidden": seg_hidden[None]}
-            )
+            logits = self._run("seg_decoder", {"image_embedding": emb, "seg_hidden": seg_hidden[None]})
             timings["seg_encoder"] = 0.0 if seg_cached else state.timings["seg_encoder"]
             timings["seg_decoder"] = time.perf_counter() - t0
             mask = logits["mask_logits"][0, 0] > 0.0  # sigmoid(x) > 0.5
@@ -359,10 +369,13 @@ class Pipeline:
             prompt={"format": fmt, "separator": separator, "tokens": len(ids)},
         )
 
-    def seg_hidden(self, tokens: list[int], hidden: list[np.ndarray]) -> np.ndarray | None:
+    def seg_hidden(self, tokens: list[int], hidden: list[NDArray[np.float32]]) -> NDArray[np.float32] | None:
         """M3D's rule: mean hidden state of the positions that predicted [SEG], skipping the first token."""
         picks = [hidden[k] for k in range(1, len(tokens)) if tokens[k] == self.seg_id]
-        return np.mean(picks, axis=0).astype(np.float32) if picks else None
+        if not picks:
+            return None
+        mean: NDArray[np.float32] = np.mean(picks, axis=0).astype(np.float32)
+        return mean
 
     def seg_bias(self, force: bool = True) -> dict[int, float]:
         """The logit bias that makes the answer contain [SEG] (so a mask is produced), or none."""

@@ -65,7 +65,12 @@ def format_box(box: tuple[float, ...] | list[float]) -> str:
     return f"{BOX_START}[{', '.join(str(round(float(v), 3)) for v in box)}]{BOX_END}"
 
 
-def question_for(task: str, arg: str | None = None, choices: list[str] | None = None, box=None) -> str:
+def question_for(
+    task: str,
+    arg: str | None = None,
+    choices: list[str] | None = None,
+    box: tuple[float, ...] | list[float] | None = None,
+) -> str:
     """The question text of a task preset (without the image tokens)."""
     if task not in TASKS:
         raise PromptError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")

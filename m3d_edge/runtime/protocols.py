@@ -9,25 +9,34 @@ backend is whatever satisfies them (checked at runtime with ``isinstance`` in th
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
+from numpy.typing import NDArray
+
+Array = NDArray[np.generic]  # a named tensor of any dtype, as the graphs take and give them
 
 
 @runtime_checkable
-class Session(Protocol):
-    """One graph: named numpy tensors in, named numpy tensors out; ``seconds`` spent inside the backend."""
+class Graph(Protocol):
+    """What provenance and timing read of every graph: the ``provider`` running it, ``seconds`` inside it."""
 
+    provider: str
     seconds: float
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+@runtime_checkable
+class Session(Graph, Protocol):
+    """One graph: named numpy tensors in, named numpy tensors out."""
+
+    def run(self, inputs: dict[str, Array]) -> dict[str, Array]: ...
 
 
 @runtime_checkable
 class BoundSession(Protocol):
     """A session that runs with caller-owned, preallocated buffers bound to inputs and outputs (no copies)."""
 
-    def run_bound(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None: ...
+    def run_bound(self, inputs: dict[str, Array], outputs: dict[str, Array]) -> None: ...
 
 
 @runtime_checkable
@@ -43,16 +52,20 @@ class Cache(Protocol):
         ...
 
 
+CacheT = TypeVar("CacheT", bound=Cache)
+
+
 @runtime_checkable
-class DecoderBackend(Protocol):
-    """The decoder over a :class:`Cache`: after ``step``/``step_token``, ``logits [1, V]`` and ``hidden
-    [1, H]`` (post-norm) hold the last position's outputs in buffers the caller may read, not keep."""
+class DecoderBackend(Protocol[CacheT]):
+    """The decoder over its own kind of :class:`Cache` (``CacheT``): after ``step``/``step_token``,
+    ``logits [1, V]`` and ``hidden [1, H]`` (post-norm) hold the last position's outputs in buffers the
+    caller may read, not keep."""
 
-    logits: np.ndarray
-    hidden: np.ndarray
+    logits: NDArray[np.float32]
+    hidden: NDArray[np.float32]
 
-    def new_cache(self, max_len: int) -> Cache: ...
+    def new_cache(self, max_len: int) -> CacheT: ...
 
-    def step(self, cache: Cache, embeds: np.ndarray, ids: list[int]) -> None: ...
+    def step(self, cache: CacheT, embeds: NDArray[np.float32], ids: list[int]) -> None: ...
 
-    def step_token(self, cache: Cache, token: int) -> None: ...
+    def step_token(self, cache: CacheT, token: int) -> None: ...

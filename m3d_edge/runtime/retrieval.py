@@ -14,17 +14,25 @@ within a batch with an attention mask, so a text's embedding does not depend on 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 from tokenizers import Tokenizer
 
-from m3d_edge.bundle import Manifest, read_manifest
+from m3d_edge.bundle import ClipDims, Manifest, read_manifest
 from m3d_edge.errors import BundleError, PromptError, StudyError
-from m3d_edge.runtime.backend import BackendOptions, GraphSession
+from m3d_edge.runtime.backend import BackendOptions, GraphSession, open_graph_sessions
+from m3d_edge.runtime.protocols import Array
+
+if TYPE_CHECKING:
+    from m3d_edge.runtime.imaging.study import Study
+
+StudyInput = str | Path | ArrayLike  # a study path, or a volume already preprocessed
+Vectors = NDArray[np.float32]
 
 TEXT_BATCH = 32
 # one ViT-B pass over a 32x256x256 volume holds 12 heads x 2049^2 float32 attention scores (~0.2 GB):
@@ -36,14 +44,14 @@ IMAGE_BATCH = 2
 class EmbeddedStudy:
     """A study's embedding and what an index records about it (no patient identifiers)."""
 
-    vector: np.ndarray  # [D] float32, unit length
+    vector: Vectors  # [D] float32, unit length
     content_hash: str  # sha256 of the preprocessed model input (float32 bytes)
     study_uid: str | None = None
     series_uid: str | None = None
     kind: str | None = None  # "dicom" | "nifti" | "npy" | "array"
 
 
-def volume_hash(volume: np.ndarray) -> str:
+def volume_hash(volume: ArrayLike) -> str:
     return hashlib.sha256(np.ascontiguousarray(volume, dtype=np.float32).tobytes()).hexdigest()
 
 
@@ -72,15 +80,13 @@ class Retriever:
                 f"{bundle}: an M3D-LaMed bundle, not a retrieval bundle (export an M3D-CLIP checkpoint with"
                 " `m3d-edge export`)"
             )
+        if not isinstance(manifest.dims, ClipDims):
+            raise BundleError(f"{bundle}: the manifest's dims are not an M3D-CLIP model's")
         self.bundle, self.manifest, self.options = bundle, manifest, options or BackendOptions()
-        self.dims = manifest.dims
-        self.sessions: dict[str, GraphSession] = {}
-        self.precisions: dict[str, str] = {}
-        for name, spec in manifest.specs().items():
-            entry = manifest.graphs[name]
-            want = precision if precision in (entry.precision, *entry.variants) else None
-            file, self.precisions[name] = entry.resolve(want)
-            self.sessions[name] = GraphSession(bundle / file, spec, self.options)
+        self.dims: ClipDims = manifest.dims
+        opened = open_graph_sessions(bundle, manifest, self.options, precision)
+        self.sessions: dict[str, GraphSession] = opened.sessions
+        self.precisions: dict[str, str] = opened.precisions
         self.tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer["file"]))
         self.max_length = int(max_length or manifest.prompt.get("max_length", self.dims.max_text_len))
         if not 2 <= self.max_length <= self.dims.max_position_embeddings:
@@ -116,9 +122,9 @@ class Retriever:
         return int(self.dims.embed_dim)
 
     # -- images ----------------------------------------------------------------------------------
-    def load_volume(self, study: Any, window: str = "m3d") -> tuple[np.ndarray, Any]:
+    def load_volume(self, study: StudyInput, window: str = "m3d") -> tuple[Vectors, Study | None]:
         """(model input ``[1, D, H, W]`` float32, the loaded Study or None) for a path or an array."""
-        loaded = None
+        loaded: Study | None = None
         if isinstance(study, str | Path):
             from m3d_edge.runtime.imaging import load_study, preprocess
 
@@ -131,30 +137,31 @@ class Retriever:
             raise StudyError(f"volume of shape {tuple(volume.shape)} is not {shape} (one channel)")
         return np.ascontiguousarray(volume.reshape(1, *shape), dtype=np.float32), loaded
 
-    def embed_volumes(self, volumes: np.ndarray) -> np.ndarray:
+    def embed_volumes(self, volumes: ArrayLike) -> Array:
         """``[N, 1, D, H, W]`` preprocessed volumes -> ``[N, dim]`` unit embeddings, in one graph run."""
         image = np.ascontiguousarray(volumes, dtype=np.float32)
         return self.sessions["image_encoder"].run({"image": image})["image_embeds"]
 
-    def embed_image(self, study: Any, window: str = "m3d") -> np.ndarray:
+    def embed_image(self, study: StudyInput, window: str = "m3d") -> Array:
         """One study (path or preprocessed array) -> ``[dim]`` unit embedding."""
         volume, _ = self.load_volume(study, window)
-        return self.embed_volumes(volume[None])[0]
+        vector: Array = self.embed_volumes(volume[None])[0]
+        return vector
 
     def embed_studies(
         self,
-        studies: Iterable[Any],
+        studies: Iterable[StudyInput],
         batch_size: int = IMAGE_BATCH,
         window: str = "m3d",
-        on_error: Callable[[Any, Exception], None] | None = None,
-    ) -> Iterable[tuple[Any, EmbeddedStudy]]:
+        on_error: Callable[[StudyInput, Exception], None] | None = None,
+    ) -> Iterator[tuple[StudyInput, EmbeddedStudy]]:
         """Yield ``(study, EmbeddedStudy)`` for each readable study, ``batch_size`` volumes per graph run.
 
         With ``on_error`` a study that cannot be read is reported there and skipped; without, it raises.
         """
-        pending: list[tuple[Any, np.ndarray, Any]] = []
+        pending: list[tuple[StudyInput, Vectors, Study | None]] = []
 
-        def flush():
+        def flush() -> Iterator[tuple[StudyInput, EmbeddedStudy]]:
             vecs = self.embed_volumes(np.stack([v for _, v, _ in pending]))
             for (s, v, loaded), vec in zip(pending, vecs, strict=True):
                 yield (
@@ -184,7 +191,7 @@ class Retriever:
             yield from flush()
 
     # -- texts -----------------------------------------------------------------------------------
-    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def tokenize(self, texts: Sequence[str]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         """(input_ids, attention_mask) int64 ``[N, longest]``: ``[CLS] ... [SEP]``, right-padded."""
         encs = self.tokenizer.encode_batch(_checked(texts))
         n = max(len(e.ids) for e in encs)
@@ -195,7 +202,7 @@ class Retriever:
             mask[i, : len(e.ids)] = 1
         return ids, mask
 
-    def embed_texts(self, texts: Sequence[str], batch_size: int = TEXT_BATCH) -> np.ndarray:
+    def embed_texts(self, texts: Sequence[str], batch_size: int = TEXT_BATCH) -> Vectors:
         """Texts -> ``[N, dim]`` unit embeddings; batches group texts of similar length (less padding)."""
         texts = _checked(texts)
         if not texts:
@@ -211,9 +218,10 @@ class Retriever:
             ]
         return out
 
-    def embed_text(self, text: str) -> np.ndarray:
+    def embed_text(self, text: str) -> Vectors:
         """One text -> ``[dim]`` unit embedding."""
-        return self.embed_texts([text])[0]
+        vector: Vectors = self.embed_texts([text])[0]
+        return vector
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -225,7 +233,7 @@ class Retriever:
         }
 
 
-def recall_at_k(scores: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[int, float]]:
+def recall_at_k(scores: ArrayLike, ks: Sequence[int] = (1, 5, 10)) -> dict[str, dict[int, float]]:
     """Recall@k both ways for a square score matrix whose diagonal holds the true pairs (M3D-Bench).
 
     ``scores[i, j]`` = image i . text j. ``image_to_text``: per image, is its report among the top k texts

@@ -1,5 +1,4 @@
 """A study index for M3D-CLIP retrieval: vectors in faiss, metadata (and the vectors) in SQLite.
-
 An index is a folder::
 
     index.sqlite         studies (id, name, UIDs, content hash, source path unless private), vectors,
@@ -19,13 +18,10 @@ search a few ms (``benchmarks/results/retrieval_bench.json``). faiss is the ``[r
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import math
 import re
 import sqlite3
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,76 +29,30 @@ import numpy as np
 
 from m3d_edge.errors import BundleError, PromptError
 from m3d_edge.fileio import atomic_path
+from m3d_edge.runtime.retrieval_faiss import (
+    APPROX_MIN,
+    DEFAULT_NPROBE,
+    FaissIndex,
+    Ids,
+    Vectors,
+    build_faiss_index,
+    faiss_module,
+    faiss_search,
+    is_ivf,
+    ivf_nlist,
+)
+from m3d_edge.runtime.retrieval_records import (
+    DB_NAME,
+    DDL,
+    SCHEMA,
+    Hit,
+    Record,
+    RetrievalIndexError,
+    now,
+    source_key,
+)
 
-DB_NAME = "index.sqlite"
-APPROX_MIN = 200_000  # vectors; at and above this the index is IVF (approximate), below exact
-DEFAULT_NPROBE = 64
-SCHEMA = 1
 _FAISS_FILE = re.compile(r"^vectors-(\d+)\.faiss$")
-
-
-class RetrievalIndexError(BundleError):
-    """An index folder is missing, corrupted or unreadable (exit code 4, like a bad bundle)."""
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError as e:  # the [retrieval] extra
-        raise RetrievalIndexError("faiss is not installed: pip install 'm3d-edge[retrieval]'") from e
-    return faiss
-
-
-def source_key(path: Path | str) -> str:
-    """Stable key of a study's source for resuming (a hash: the path itself is kept only when allowed)."""
-    return hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()
-
-
-@dataclass
-class Record:
-    """What is stored about one indexed study."""
-
-    source_key: str
-    content_hash: str
-    name: str | None = None
-    source_path: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
-    kind: str | None = None
-
-
-@dataclass
-class Hit:
-    id: int
-    score: float
-    name: str | None
-    study_uid: str | None
-    series_uid: str | None
-    content_hash: str
-    source_path: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-_DDL = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS studies (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    source_key TEXT NOT NULL UNIQUE,
-    name TEXT,
-    source_path TEXT,
-    study_uid TEXT,
-    series_uid TEXT,
-    content_hash TEXT NOT NULL,
-    kind TEXT,
-    bundle_id TEXT NOT NULL,
-    added TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY REFERENCES studies(id), vec BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS studies_study_uid ON studies(study_uid);
-CREATE INDEX IF NOT EXISTS studies_series_uid ON studies(series_uid);
-"""
 
 
 class StudyIndex:
@@ -110,7 +60,7 @@ class StudyIndex:
 
     def __init__(self, path: Path, db: sqlite3.Connection) -> None:
         self.path, self.db = path, db
-        self.meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        self.meta: dict[str, str] = dict(db.execute("SELECT key, value FROM meta").fetchall())
         for k in ("bundle_id", "dim", "generation", "schema"):
             if k not in self.meta:
                 raise RetrievalIndexError(f"{path / DB_NAME}: not an m3d-edge index (no {k} in meta)")
@@ -118,7 +68,7 @@ class StudyIndex:
             raise RetrievalIndexError(
                 f"{path / DB_NAME}: index schema {self.meta['schema']} (this m3d-edge reads {SCHEMA})"
             )
-        self._faiss_index: Any = None
+        self._faiss_index: FaissIndex | None = None
         self._faiss_gen = -1
 
     # -- opening ---------------------------------------------------------------------------------
@@ -146,7 +96,7 @@ class StudyIndex:
         path.mkdir(parents=True, exist_ok=True)
         db = cls._connect(path)
         with db:
-            db.executescript(_DDL)
+            db.executescript(DDL)
             meta = {
                 "schema": str(SCHEMA),
                 "bundle_id": bundle_id,
@@ -156,7 +106,7 @@ class StudyIndex:
                 "approx_min": str(int(approx_min)),
                 "nprobe": str(DEFAULT_NPROBE),
                 "bundle_path": str(Path(bundle_path).resolve()) if bundle_path else "",
-                "created": _now(),
+                "created": now(),
             }
             db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
         return cls(path, db)
@@ -255,10 +205,12 @@ class StudyIndex:
                         r.content_hash,
                         r.kind,
                         self.bundle_id,
-                        _now(),
+                        now(),
                     ),
                 )
-                ids.append(int(cur.lastrowid))
+                if cur.lastrowid is None:
+                    raise RetrievalIndexError(f"{self.path / DB_NAME}: an insert returned no row id")
+                ids.append(cur.lastrowid)
                 self.db.execute("INSERT INTO vectors VALUES (?, ?)", (ids[-1], v.tobytes()))
             self._bump()
         if self._faiss_gen == was and self._faiss_index is not None:  # keep the loaded index current
@@ -304,18 +256,16 @@ class StudyIndex:
             out.extend(int(r[0]) for r in rows)
         return out
 
-    def _transaction(self):
-        db = self.db
-
-        class _Tx:
-            def __enter__(self_inner):
-                db.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self_inner, exc_type, *rest):
-                db.execute("ROLLBACK" if exc_type else "COMMIT")
-                return False
-
-        return _Tx()
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction: committed when the block ends, rolled back when it raises."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def _bump(self) -> None:
         self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='generation'")
@@ -324,7 +274,7 @@ class StudyIndex:
     def _faiss_path(self, gen: int) -> Path:
         return self.path / f"vectors-{gen}.faiss"
 
-    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+    def vectors(self) -> tuple[Ids, Vectors]:
         """(ids int64 ``[N]``, vectors float32 ``[N, dim]``) from SQLite, in id order."""
         rows = self.db.execute("SELECT id, vec FROM vectors ORDER BY id").fetchall()
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
@@ -334,18 +284,18 @@ class StudyIndex:
     def wants_approximate(self, n: int | None = None) -> bool:
         return (len(self) if n is None else n) >= int(self.meta.get("approx_min", APPROX_MIN))
 
-    def _build_faiss(self):
+    def _build_faiss(self) -> FaissIndex:
         ids, vecs = self.vectors()
         return build_faiss_index(vecs, ids, approximate=self.wants_approximate(len(ids)))
 
-    def faiss_index(self):
+    def faiss_index(self) -> FaissIndex:
         """The faiss index of the current generation: loaded from its file, else rebuilt from SQLite."""
-        faiss = _faiss()
+        faiss = faiss_module()
         gen = self.generation
         if self._faiss_gen == gen and self._faiss_index is not None:
             return self._faiss_index
         path = self._faiss_path(gen)
-        index = None
+        index: FaissIndex | None = None
         if path.is_file():
             try:
                 index = faiss.read_index(str(path))
@@ -360,9 +310,9 @@ class StudyIndex:
 
     def sync(self) -> Path:
         """Write the faiss file of the current generation (atomically) and delete older ones."""
-        faiss = _faiss()
+        faiss = faiss_module()
         index = self.faiss_index()
-        if not _is_ivf(index) and self.wants_approximate():  # grew past the exact range: rebuild as IVF
+        if not is_ivf(index) and self.wants_approximate():  # grew past the exact range: rebuild as IVF
             index = self._build_faiss()
             self._faiss_index = index
         gen = self._faiss_gen
@@ -389,8 +339,9 @@ class StudyIndex:
         if top_k < 1:
             raise PromptError(f"--top-k {top_k}: must be at least 1")
         index = self.faiss_index()
-        if _is_ivf(index):
-            _faiss().extract_index_ivf(index).nprobe = int(nprobe or self.meta.get("nprobe", DEFAULT_NPROBE))
+        if is_ivf(index):
+            probes = nprobe or int(self.meta.get("nprobe", DEFAULT_NPROBE))
+            faiss_module().extract_index_ivf(index).nprobe = int(probes)
         k = min(top_k, max(index.ntotal, 1))
         scores, ids = faiss_search(index, q, k)
         wanted = {int(i) for i in ids.ravel() if i >= 0}
@@ -416,69 +367,7 @@ class StudyIndex:
 
     def memory_bytes(self) -> int:
         """Bytes of the serialised faiss index (about its memory when loaded)."""
-        return int(_faiss().serialize_index(self.faiss_index()).nbytes)
-
-
-def faiss_search(index, queries: np.ndarray, k: int, threads: int | None = None):
-    """``index.search`` with one OpenMP thread for a single query unless told otherwise.
-
-    Fanning one query out over threads costs more than it saves, and on a busy machine far more
-    (measured on 2 shared cores: 10k x 768 exact search p50 1.5 ms on one thread, 50 ms on two).
-    """
-    faiss = _faiss()
-    want = threads or (1 if len(queries) == 1 else None)
-    if want is None:
-        return index.search(queries, k)
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(want)
-    try:
-        return index.search(queries, k)
-    finally:
-        faiss.omp_set_num_threads(before)
-
-
-def _is_ivf(index) -> bool:
-    faiss = _faiss()
-    try:
-        faiss.extract_index_ivf(index)
-        return True
-    except RuntimeError:
-        return False
-
-
-def ivf_nlist(n: int) -> int:
-    """Inverted lists for ``n`` vectors: about sqrt(n) (a power of two, at least 16), so a query's
-    scan of the centroids and of its ``nprobe`` lists stay balanced (1024 lists at 1M vectors)."""
-    return max(16, 2 ** round(math.log2(math.sqrt(max(n, 1)))))
-
-
-def build_faiss_index(
-    vectors: np.ndarray, ids: np.ndarray, approximate: bool, nlist: int | None = None, seed: int = 0
-):
-    """Exact ``IndexIDMap2(IndexFlatIP)``, or ``IndexIVFFlat`` (inner product) trained on a sample."""
-    faiss = _faiss()
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    dim = vectors.shape[1]
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if not approximate:
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    else:
-        nlist = nlist or ivf_nlist(len(vectors))
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(seed)
-        sample = min(len(vectors), 64 * nlist)
-        train = vectors[rng.choice(len(vectors), sample, replace=False)] if sample < len(vectors) else vectors
-        index.cp.seed = seed
-        index.train(train)
-        index.nprobe = DEFAULT_NPROBE
-    if len(vectors):
-        index.add_with_ids(vectors, ids)
-    return index
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        return int(faiss_module().serialize_index(self.faiss_index()).nbytes)
 
 
 __all__ = [

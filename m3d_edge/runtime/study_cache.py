@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any
+from typing import Generic, TypeVar
 
 import numpy as np
+
+S = TypeVar("S")  # the kind of state cached (the pipeline's StudyState)
 
 DEFAULT_BUDGET_MB = 0.0  # keep only the study in use (batch); serve and chat set their own
 
 
-def state_nbytes(state: Any) -> int:
+def state_nbytes(state: object) -> int:
     """Bytes held by one prepared study: its arrays, KV cache buffers and the loaded source volume."""
     total = 0
     hu = getattr(getattr(state, "study", None), "hu", None)
@@ -39,18 +41,18 @@ def state_nbytes(state: Any) -> int:
     return total
 
 
-class StudyCache:
+class StudyCache(Generic[S]):
     """Least-recently-used studies, evicted once their bytes exceed ``budget_mb`` (0: keep only the last)."""
 
     def __init__(self, budget_mb: float = DEFAULT_BUDGET_MB) -> None:
         if budget_mb < 0:
             raise ValueError(f"study cache budget {budget_mb} MB: must be >= 0")
         self.budget_bytes = int(budget_mb * 2**20)
-        self._entries: OrderedDict[str, Any] = OrderedDict()
+        self._entries: OrderedDict[str, S] = OrderedDict()
         self._lock = threading.RLock()
         self.hits = self.misses = self.evictions = 0
 
-    def get(self, key: str) -> Any | None:
+    def get(self, key: str) -> S | None:
         """The state for ``key`` (made most recent) or None; counts a hit or a miss."""
         with self._lock:
             state = self._entries.get(key)
@@ -61,7 +63,7 @@ class StudyCache:
             self._entries.move_to_end(key)
             return state
 
-    def put(self, key: str, state: Any) -> None:
+    def put(self, key: str, state: S) -> None:
         """Store ``state`` as the most recent entry and enforce the budget."""
         with self._lock:
             self._entries[key] = state
@@ -89,7 +91,7 @@ class StudyCache:
             self._entries.clear()
 
     @property
-    def last(self) -> Any | None:
+    def last(self) -> S | None:
         """The most recently used state (None when empty); does not count as a hit."""
         with self._lock:
             return next(reversed(self._entries.values())) if self._entries else None

@@ -22,7 +22,8 @@ import m3d_edge
 from m3d_edge.errors import StudyError
 from m3d_edge.fileio import atomic_write_text
 from m3d_edge.runtime.imaging.geometry import box_to_source, mask_to_source
-from m3d_edge.runtime.report.montage import BOX_COLOUR, MASK_COLOUR, identity_record, render_montage
+from m3d_edge.runtime.report.montage import BOX_COLOUR, MASK_COLOUR, render_montage
+from m3d_edge.runtime.result import identity_record
 
 DISCLAIMER = (
     "These values were produced automatically by a machine-learning model (M3D-LaMed, run by m3d-edge). "
@@ -69,6 +70,11 @@ a { color: #1f5fbf; }
 
 def _e(v: Any) -> str:
     return html.escape(str(v), quote=True)
+
+
+def _range(lo: object, hi: object) -> str:
+    """``lo`` to ``hi`` in monospace (the first and last voxel of a range)."""
+    return f'<span class="mono">{_e(lo)} – {_e(hi)}</span>'  # noqa: RUF001  the page shows an en dash, asserted by tests
 
 
 def _num(v: float, nd: int = 3) -> str:
@@ -125,7 +131,7 @@ def _box_rows(result: Any) -> tuple[list[tuple[str, str]], list[str]]:
         rows.append(
             (
                 "model grid voxels (z, y, x)",
-                f'<span class="mono">{_e(sb.grid_min)} – {_e(sb.grid_max)}</span>',
+                _range(sb.grid_min, sb.grid_max),
             )
         )
         notes.append("no source geometry: no patient (mm) coordinates for the box")
@@ -138,8 +144,8 @@ def _box_rows(result: Any) -> tuple[list[tuple[str, str]], list[str]]:
     sp = rec.source_geometry.spacing
     size = tuple((sb.source_max[a] - sb.source_min[a] + 1) * sp[a] for a in range(3))
     rows += [
-        ("model grid voxels (z, y, x)", f'<span class="mono">{_e(sb.grid_min)} – {_e(sb.grid_max)}</span>'),
-        ("source voxels (z, y, x)", f'<span class="mono">{_e(sb.source_min)} – {_e(sb.source_max)}</span>'),
+        ("model grid voxels (z, y, x)", _range(sb.grid_min, sb.grid_max)),
+        ("source voxels (z, y, x)", _range(sb.source_min, sb.source_max)),
         ("first voxel centre, LPS mm", f'<span class="mono">{_e(_tuple(sb.mm_min))}</span>'),
         ("last voxel centre, LPS mm", f'<span class="mono">{_e(_tuple(sb.mm_max))}</span>'),
         ("centre, LPS mm", f'<span class="mono">{_e(_tuple(sb.mm_center))}</span>'),
@@ -217,7 +223,7 @@ def _study_rows(result: Any) -> list[tuple[str, str]]:
         rows.append(
             (
                 "crop (z, y, x)",
-                f'<span class="mono">{_e(tuple(rec.crop_start))} – {_e(tuple(rec.crop_stop))}</span>',
+                _range(tuple(rec.crop_start), tuple(rec.crop_stop)),
             )
         )
         rows.append(("preprocessing window", _e(rec.window)))

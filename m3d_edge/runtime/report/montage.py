@@ -10,16 +10,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
 
-from m3d_edge.errors import StudyError
 from m3d_edge.fileio import atomic_path
-from m3d_edge.runtime.imaging.geometry import TARGET_SHAPE, Geometry, box_to_source, mask_to_source
-from m3d_edge.runtime.imaging.preprocess import PreprocessRecord
+from m3d_edge.runtime.report.montage_views import (
+    PANEL,
+    SOFT_TISSUE,
+    ZOOM_BELOW,
+    ZOOM_CONTEXT,
+    ZOOM_MIN_MM,
+    Scene,
+    View,
+    Voxel,
+    axial_crop,
+    axial_views,
+    centre_of,
+    reformat_views,
+    region,
+    scene,
+)
 from m3d_edge.runtime.report.orientation import Canonical, canonical_axes
+
+if TYPE_CHECKING:
+    from m3d_edge.runtime.result import Result
 
 MASK_COLOUR = (0, 229, 255)  # cyan outline
 BOX_COLOUR = (255, 214, 0)  # yellow rectangle
@@ -29,8 +46,6 @@ TEXT_COLOUR = (225, 225, 225)
 MUTED_COLOUR = (150, 150, 160)
 BACKGROUND = (22, 22, 26)
 
-PANEL = 280  # the largest patient extent of the volume fills this many pixels
-MAX_AXIAL = 6
 COLUMNS = 4
 GAP = 8
 CAPTION_H = 22
@@ -40,15 +55,17 @@ HEADER_H = 30
 OUTLINE_PX = 2
 LETTER_FONT = 18
 BOX_PX = 2
-ZOOM_MIN_MM = 60.0  # smallest field of view of a zoomed axial view
-ZOOM_CONTEXT = 2.5  # zoomed field of view = this times the region's in-plane size (at least ZOOM_MIN_MM)
-ZOOM_BELOW = 0.7  # zoom only when that field of view is below this fraction of the slice
-SOFT_TISSUE = (40.0 - 200.0, 40.0 + 200.0)  # W400 / L40
 NICE_MM = (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000)
+CELL_W = PANEL + 2 * LETTER_M
+CELL_H = CAPTION_H + PANEL + 2 * LETTER_M + FOOTER_H
 
 _AXIS_NAMES = ("z", "y", "x")
 _VIEW_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}  # canonical axis the view slices along
 _POSITION_LETTERS = {0: ("S", "I", 2), 1: ("P", "A", 1), 2: ("L", "R", 0)}  # (+, -, LPS component)
+
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+Colour = tuple[int, int, int]
+__all__ = ["SOFT_TISSUE", "ZOOM_BELOW", "ZOOM_CONTEXT", "ZOOM_MIN_MM", "Montage", "Panel", "build_montage"]
 
 
 @dataclass
@@ -85,101 +102,30 @@ class Montage:
 
 
 @dataclass
-class _Scene:
-    volume: np.ndarray  # (z, y, x)
-    geometry: Geometry
-    window: tuple[float, float]
-    window_label: str
-    mask: np.ndarray | None  # (z, y, x) bool
-    box: tuple[tuple[int, int, int], tuple[int, int, int]] | None  # inclusive (z, y, x) voxel range
-    grid: str
-    notes: list[str]
+class _Fonts:
+    caption: Font
+    letter: Font
+    small: Font
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def _font(size: int) -> Font:
     return ImageFont.load_default(size=size)
 
 
-def identity_record(shape: tuple[int, int, int] = TARGET_SHAPE) -> PreprocessRecord:
-    """A record mapping the model grid onto itself (identity geometry, 1 mm spacing)."""
-    return PreprocessRecord(
-        source_shape=tuple(shape),
-        crop_start=(0, 0, 0),
-        crop_stop=tuple(shape),
-        target_shape=tuple(shape),
-        zoom=(1.0, 1.0, 1.0),
-        source_geometry=Geometry.identity(shape),
-        window="none",
-        identity=True,
-    )
-
-
-def _has_source(result: Any) -> bool:
-    study, record = getattr(result, "study", None), getattr(result, "record", None)
-    hu = getattr(study, "hu", None)
-    return (
-        record is not None
-        and hu is not None
-        and getattr(study, "geometry", None) is not None
-        and tuple(np.shape(hu)) == tuple(record.source_shape)
-    )
-
-
-def _scene(result: Any) -> _Scene:
-    notes: list[str] = []
-    if _has_source(result):
-        study, record = result.study, result.record
-        volume = np.asarray(study.hu)
-        geometry = record.source_geometry
-        normalized = bool(getattr(study, "preprocessed", False) or record.identity)
-        window, wlabel = ((0.0, 1.0), "0..1") if normalized else (SOFT_TISSUE, "W400 L40")
-        grid = "source"
-    else:
-        record = identity_record()
-        geometry = record.source_geometry
-        if result.volume is not None:
-            volume = np.asarray(result.volume, dtype=np.float32).reshape(TARGET_SHAPE)
-        else:
-            volume = np.zeros(TARGET_SHAPE, np.float32)
-            notes.append("no image volume in the result; outlines drawn on black")
-        window, wlabel, grid = (0.0, 1.0), "0..1", "model"
-    mask = None
-    if result.mask is not None:
-        mask = mask_to_source(result.mask, record).astype(bool)
-    box = None
-    if result.box is not None:
-        try:
-            sb = box_to_source(result.box, record)
-            box = (sb.source_min, sb.source_max)
-        except StudyError as exc:
-            notes.append(f"box not drawn: {exc}")
-    return _Scene(volume, geometry, window, wlabel, mask, box, grid, notes)
-
-
-def _bbox(mask: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
-    lo, hi = [], []
-    for ax in range(3):
-        other = tuple(a for a in range(3) if a != ax)
-        idx = np.nonzero(mask.any(axis=other))[0]
-        if len(idx) == 0:
-            return None
-        lo.append(int(idx[0]))
-        hi.append(int(idx[-1]))
-    return tuple(lo), tuple(hi)
-
-
-def _nearest(n_src: int, n_disp: int) -> np.ndarray:
+def _nearest(n_src: int, n_disp: int) -> NDArray[np.int64]:
     """Display pixel -> source cell (nearest neighbour, pixel centres)."""
     idx = np.floor((np.arange(n_disp) + 0.5) * n_src / n_disp).astype(np.int64)
-    return np.clip(idx, 0, n_src - 1)
+    clipped: NDArray[np.int64] = np.clip(idx, 0, n_src - 1)
+    return clipped
 
 
-def _erode(m: np.ndarray) -> np.ndarray:
+def _erode(m: NDArray[np.bool_]) -> NDArray[np.bool_]:
     p = np.pad(m, 1, constant_values=False)
-    return p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    eroded: NDArray[np.bool_] = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return eroded
 
 
-def outline(m: np.ndarray, width: int = OUTLINE_PX) -> np.ndarray:
+def outline(m: NDArray[np.bool_], width: int = OUTLINE_PX) -> NDArray[np.bool_]:
     """The inner boundary band (``width`` pixels, 4-connected) of a 2D boolean mask."""
     inner = m
     for _ in range(width):
@@ -187,7 +133,7 @@ def outline(m: np.ndarray, width: int = OUTLINE_PX) -> np.ndarray:
     return m & ~inner
 
 
-def _span(idx: np.ndarray, lo: int, hi: int) -> tuple[int, int] | None:
+def _span(idx: NDArray[np.int64], lo: int, hi: int) -> tuple[int, int] | None:
     hit = np.nonzero((idx >= lo) & (idx <= hi))[0]
     return (int(hit[0]), int(hit[-1])) if len(hit) else None
 
@@ -202,14 +148,9 @@ def nice_scale_mm(mm_per_px: float, width_px: int) -> float:
     return float(best)
 
 
-def _slices(can: Canonical, region: tuple[tuple[int, int, int], tuple[int, int, int]]) -> list[int]:
-    lo, hi = region[0][0], region[1][0]
-    n = min(MAX_AXIAL, hi - lo + 1)
-    ks = sorted({int(round(v)) for v in np.linspace(lo, hi, n)}, reverse=True)  # superior first
-    return ks
-
-
-def _text_center(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, fill) -> None:
+def _text_center(
+    draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font: Font, fill: Colour
+) -> None:
     x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
     x = xy[0] - (x1 - x0) / 2 - x0
     y = xy[1] - (y1 - y0) / 2 - y0
@@ -218,220 +159,180 @@ def _text_center(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, 
     draw.text((x, y), text, font=font, fill=fill)
 
 
-def build_montage(result: Any) -> Montage | None:
+def build_montage(result: Result) -> Montage | None:
     """The montage in memory (``None`` without a box and a non-empty mask); see :func:`render_montage`."""
     if result.box is None and (result.mask is None or not np.any(result.mask)):
         return None
-    sc = _scene(result)
+    sc = scene(result)
     can = canonical_axes(sc.geometry.affine, sc.volume.shape)
     vol = can.view(sc.volume)
     msk = can.view(sc.mask) if sc.mask is not None else None
     box = can.box_to_canonical(*sc.box) if sc.box is not None else None
-
-    regions = []
-    if box is not None:
-        regions.append(box)
-    if msk is not None:
-        mb = _bbox(msk)
-        if mb is not None:
-            regions.append(mb)
-    if not regions:  # an empty mask and a box that could not be mapped
-        regions.append(((0, 0, 0), tuple(n - 1 for n in can.shape)))
-    region = (
-        tuple(min(r[0][c] for r in regions) for c in range(3)),
-        tuple(max(r[1][c] for r in regions) for c in range(3)),
-    )
-    centre = tuple((region[0][c] + region[1][c]) // 2 for c in range(3))
-
-    n0, n1, n2 = can.shape
-    sp = can.spacing
-    extent = [can.shape[c] * sp[c] for c in range(3)]
-    mm_per_px = max(extent) / PANEL
-    # axial slices zoom onto the region when it is small against the field of view (the reformats keep it)
-    full = (0, 0, n1, n2)
-    ax_crop, ax_mpp = full, mm_per_px
-    reg_mm = max((region[1][c] - region[0][c] + 1) * sp[c] for c in (1, 2))
-    fov = max(ZOOM_MIN_MM, ZOOM_CONTEXT * reg_mm)
-    if fov < ZOOM_BELOW * max(extent[1], extent[2]):
-        nr, nc = min(n1, int(np.ceil(fov / sp[1]))), min(n2, int(np.ceil(fov / sp[2])))
-        r0 = min(max(centre[1] - nr // 2, 0), n1 - nr)
-        c0 = min(max(centre[2] - nc // 2, 0), n2 - nc)
-        ax_crop, ax_mpp = (r0, c0, nr, nc), max(nr * sp[1], nc * sp[2]) / PANEL
-
-    # (view, 2D CT, 2D mask, box rows, box cols, row spacing, col spacing, canonical slice, crop, mm/px)
-    views: list[tuple] = []
-    for k in _slices(can, region):
-        in_box = box is not None and box[0][0] <= k <= box[1][0]
-        views.append(
-            (
-                "axial",
-                vol[k],
-                None if msk is None else msk[k],
-                (box[0][1], box[1][1]) if in_box else None,
-                (box[0][2], box[1][2]) if in_box else None,
-                (sp[1], sp[2]),
-                k,
-                ax_crop,
-                ax_mpp,
-            )
-        )
-    flip_rows = lambda r: (n0 - 1 - r[1], n0 - 1 - r[0])  # noqa: E731  (S at the top: rows reversed)
-    j = centre[1]
-    in_box = box is not None and box[0][1] <= j <= box[1][1]
-    views.append(
-        (
-            "coronal",
-            vol[::-1, j, :],
-            None if msk is None else msk[::-1, j, :],
-            flip_rows((box[0][0], box[1][0])) if in_box else None,
-            (box[0][2], box[1][2]) if in_box else None,
-            (sp[0], sp[2]),
-            j,
-            (0, 0, n0, n2),
-            mm_per_px,
-        )
-    )
-    i = centre[2]
-    in_box = box is not None and box[0][2] <= i <= box[1][2]
-    views.append(
-        (
-            "sagittal",
-            vol[::-1, :, i],
-            None if msk is None else msk[::-1, :, i],
-            flip_rows((box[0][0], box[1][0])) if in_box else None,
-            (box[0][1], box[1][1]) if in_box else None,
-            (sp[0], sp[1]),
-            i,
-            (0, 0, n0, n1),
-            mm_per_px,
-        )
-    )
+    reg = region(can.shape, box, msk)
+    centre = centre_of(reg)
+    crop = axial_crop(can, reg, centre)
+    views = axial_views(can, vol, msk, box, reg, crop) + reformat_views(can, vol, msk, box, centre)
 
     cols = min(COLUMNS, len(views))
     rows_n = -(-len(views) // cols)
-    cell_w = PANEL + 2 * LETTER_M
-    cell_h = CAPTION_H + PANEL + 2 * LETTER_M + FOOTER_H
-    width = cols * cell_w + (cols + 1) * GAP
-    height = HEADER_H + rows_n * cell_h + (rows_n + 1) * GAP
+    width = cols * CELL_W + (cols + 1) * GAP
+    height = HEADER_H + rows_n * CELL_H + (rows_n + 1) * GAP
     img = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    f_caption, f_letter, f_small = _font(15), _font(LETTER_FONT), _font(14)
+    fonts = _Fonts(_font(15), _font(LETTER_FONT), _font(14))
+    zoomed = crop[0] != (0, 0, can.shape[1], can.shape[2])
+    _draw_header(draw, sc, msk is not None, box is not None, zoomed, fonts.small)
+    panels = []
+    for n, v in enumerate(views):
+        cell = (GAP + (n % cols) * (CELL_W + GAP), HEADER_H + GAP + (n // cols) * (CELL_H + GAP))
+        panels.append(_draw_panel(img, draw, sc, can, centre, v, cell, fonts))
+    return Montage(image=img, panels=panels, grid=sc.grid, window=sc.window, notes=sc.notes)
 
-    # header: legend
+
+def _draw_header(
+    draw: ImageDraw.ImageDraw, sc: Scene, mask: bool, box: bool, zoomed: bool, font: Font
+) -> None:
+    """The legend (mask outline, box) and a line on the grid, spacing and window."""
     x = GAP
     y = HEADER_H // 2 + 2
-    if msk is not None:
+    if mask:
         draw.line([(x, y), (x + 22, y)], fill=MASK_COLOUR, width=OUTLINE_PX)
-        draw.text((x + 28, y - 8), "mask outline", font=f_small, fill=TEXT_COLOUR)
-        x += 28 + int(draw.textlength("mask outline", font=f_small)) + 18
-    if box is not None:
+        draw.text((x + 28, y - 8), "mask outline", font=font, fill=TEXT_COLOUR)
+        x += 28 + int(draw.textlength("mask outline", font=font)) + 18
+    if box:
         draw.rectangle([x, y - 6, x + 20, y + 6], outline=BOX_COLOUR, width=BOX_PX)
-        draw.text((x + 28, y - 8), "box", font=f_small, fill=TEXT_COLOUR)
-        x += 28 + int(draw.textlength("box", font=f_small)) + 18
+        draw.text((x + 28, y - 8), "box", font=font, fill=TEXT_COLOUR)
+        x += 28 + int(draw.textlength("box", font=font)) + 18
     shape_txt = "x".join(str(s) for s in sc.volume.shape)
     if sc.grid == "source":
         sp_txt = "spacing " + "x".join(f"{s:.3g}" for s in sc.geometry.spacing) + " mm"
     else:
         sp_txt = "no patient geometry (1 voxel = 1 unit, letters nominal)"
     info = f"{sc.grid} grid {shape_txt} (z,y,x), {sp_txt}, window {sc.window_label}"
-    if ax_crop != full:
+    if zoomed:
         info += "  |  axial views zoomed on the region"
     info += "  |  model output, not a diagnosis"
-    draw.text((x, y - 8), info, font=f_small, fill=MUTED_COLOUR)
+    draw.text((x, y - 8), info, font=font, fill=MUTED_COLOUR)
 
-    lo_w, hi_w = sc.window
+
+def _tile(
+    v: View, window: tuple[float, float], size: tuple[int, int]
+) -> tuple[NDArray[np.uint8], NDArray[np.int64], NDArray[np.int64]]:
+    """(RGB pixels with the mask outline, display row -> slice row, display column -> slice column)."""
+    r0, c0, nr, nc = v.crop
+    w_px, h_px = size
+    lo_w, hi_w = window
+    ct2d = v.ct[r0 : r0 + nr, c0 : c0 + nc]
+    ct = np.clip((np.asarray(ct2d, dtype=np.float32) - lo_w) / (hi_w - lo_w), 0.0, 1.0) * 255.0
+    tile = Image.fromarray(np.ascontiguousarray(ct, dtype=np.float32)).resize(
+        (w_px, h_px), Image.Resampling.BILINEAR
+    )
+    grey = np.clip(np.asarray(tile) + 0.5, 0, 255).astype(np.uint8)
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    rows_i, cols_i = r0 + _nearest(nr, h_px), c0 + _nearest(nc, w_px)  # indices into the full slice
+    if v.mask is not None:
+        md = np.asarray(v.mask)[np.ix_(rows_i, cols_i)]
+        rgb[outline(md)] = MASK_COLOUR
+    return rgb, rows_i, cols_i
+
+
+def _caption(sc: Scene, can: Canonical, centre: Voxel, v: View) -> tuple[str, int, int, float]:
+    """(caption, source slice index, source array axis, patient position mm) of one view."""
+    axis = _VIEW_AXIS[v.view]
+    slice_axis = can.perm[axis]
+    centre_c = list(centre)
+    centre_c[axis] = v.index
+    src_idx = can.to_source((centre_c[0], centre_c[1], centre_c[2]))
+    pos_letter_pos, pos_letter_neg, comp = _POSITION_LETTERS[axis]
+    pos = float(sc.geometry.zyx_to_lps(src_idx)[comp])
+    label = f"{v.view.capitalize()}  {_AXIS_NAMES[slice_axis]} {src_idx[slice_axis]}"
+    if sc.grid == "source":
+        label += f"  ·  {pos_letter_pos if pos >= 0 else pos_letter_neg} {abs(pos):.1f} mm"
+    return label, int(src_idx[slice_axis]), slice_axis, pos
+
+
+def _draw_letters(
+    draw: ImageDraw.ImageDraw, letters: dict[str, str], xy: tuple[int, int], size: tuple[int, int], font: Font
+) -> None:
+    """Orientation letters just outside the image edges."""
+    (x0, y0), (w_px, h_px) = xy, size
+    mx, my = x0 + w_px / 2, y0 + h_px / 2
+    _text_center(draw, (mx, y0 - LETTER_M / 2), letters["top"], font, LETTER_COLOUR)
+    _text_center(draw, (mx, y0 + h_px + LETTER_M / 2), letters["bottom"], font, LETTER_COLOUR)
+    _text_center(draw, (x0 - LETTER_M / 2, my), letters["left"], font, LETTER_COLOUR)
+    _text_center(draw, (x0 + w_px + LETTER_M / 2, my), letters["right"], font, LETTER_COLOUR)
+
+
+def _draw_scale(
+    draw: ImageDraw.ImageDraw, mpp: float, cell: tuple[int, int], unit: str, font: Font
+) -> tuple[float, int, tuple[int, int]]:
+    """The scale bar under the image (pixels are square); returns (mm, pixels, left end)."""
+    cx, cy = cell
+    scale_mm = nice_scale_mm(mpp, PANEL)
+    scale_px = round(scale_mm / mpp)
+    bx, by = cx + LETTER_M, cy + CAPTION_H + PANEL + 2 * LETTER_M + 6
+    draw.rectangle([bx, by, bx + scale_px - 1, by + 3], fill=SCALE_COLOUR)
+    draw.text((bx + scale_px + 8, by - 6), f"{scale_mm:g} {unit}", font=font, fill=TEXT_COLOUR)
+    return scale_mm, scale_px, (bx, by)
+
+
+def _draw_panel(
+    img: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    sc: Scene,
+    can: Canonical,
+    centre: Voxel,
+    v: View,
+    cell: tuple[int, int],
+    fonts: _Fonts,
+) -> Panel:
+    """One view in its cell: the letterboxed image, box, caption, orientation letters and scale bar."""
+    cx, cy = cell
+    r0, c0, nr, nc = v.crop
+    mpp = v.mm_per_px
+    h_px = max(1, round(nr * v.spacing[0] / mpp))
+    w_px = max(1, round(nc * v.spacing[1] / mpp))
+    x0 = cx + LETTER_M + (PANEL - w_px) // 2
+    y0 = cy + CAPTION_H + LETTER_M + (PANEL - h_px) // 2
+    top = cy + CAPTION_H + LETTER_M
+    draw.rectangle([cx + LETTER_M, top, cx + LETTER_M + PANEL - 1, top + PANEL - 1], fill=(0, 0, 0))
+    rgb, rows_i, cols_i = _tile(v, sc.window, (w_px, h_px))
+    img.paste(Image.fromarray(rgb), (x0, y0))
+    box_px = None
+    if v.box_rows is not None and v.box_cols is not None:
+        rs, cs = _span(rows_i, *v.box_rows), _span(cols_i, *v.box_cols)
+        if rs is not None and cs is not None:
+            box_px = (x0 + cs[0], y0 + rs[0], x0 + cs[1], y0 + rs[1])
+            draw.rectangle(list(box_px), outline=BOX_COLOUR, width=BOX_PX)
+    label, slice_index, slice_axis, pos = _caption(sc, can, centre, v)
+    draw.text((cx + LETTER_M, cy + 3), label, font=fonts.caption, fill=TEXT_COLOUR)
+    letters = can.letters(v.view)
+    _draw_letters(draw, letters, (x0, y0), (w_px, h_px), fonts.letter)
     unit = "mm" if sc.grid == "source" else "voxels"
-    panels: list[Panel] = []
-    for n, (view, ct2d, m2d, brow, bcol, (sr, scol), k, (r0, c0, nr, nc), mpp) in enumerate(views):
-        cx = GAP + (n % cols) * (cell_w + GAP)
-        cy = HEADER_H + GAP + (n // cols) * (cell_h + GAP)
-        ct2d = ct2d[r0 : r0 + nr, c0 : c0 + nc]
-        h_px = max(1, int(round(nr * sr / mpp)))
-        w_px = max(1, int(round(nc * scol / mpp)))
-        x0 = cx + LETTER_M + (PANEL - w_px) // 2
-        y0 = cy + CAPTION_H + LETTER_M + (PANEL - h_px) // 2
-        # the image area (letterboxed in black)
-        draw.rectangle(
-            [
-                cx + LETTER_M,
-                cy + CAPTION_H + LETTER_M,
-                cx + LETTER_M + PANEL - 1,
-                cy + CAPTION_H + LETTER_M + PANEL - 1,
-            ],
-            fill=(0, 0, 0),
-        )
-        ct = np.clip((np.asarray(ct2d, dtype=np.float32) - lo_w) / (hi_w - lo_w), 0.0, 1.0) * 255.0
-        tile = Image.fromarray(np.ascontiguousarray(ct, dtype=np.float32)).resize(
-            (w_px, h_px), Image.Resampling.BILINEAR
-        )
-        grey = np.clip(np.asarray(tile) + 0.5, 0, 255).astype(np.uint8)
-        rgb = np.repeat(grey[:, :, None], 3, axis=2)
-        rows_i, cols_i = r0 + _nearest(nr, h_px), c0 + _nearest(nc, w_px)  # indices into the full slice
-        if m2d is not None:
-            md = np.asarray(m2d)[np.ix_(rows_i, cols_i)]
-            rgb[outline(md)] = MASK_COLOUR
-        img.paste(Image.fromarray(rgb), (x0, y0))
-        box_px = None
-        if brow is not None and bcol is not None:
-            rs, cs = _span(rows_i, *brow), _span(cols_i, *bcol)
-            if rs is not None and cs is not None:
-                box_px = (x0 + cs[0], y0 + rs[0], x0 + cs[1], y0 + rs[1])
-                draw.rectangle(list(box_px), outline=BOX_COLOUR, width=BOX_PX)
-
-        # caption
-        axis = _VIEW_AXIS[view]
-        slice_axis = can.perm[axis]
-        centre_c = list(centre)
-        centre_c[axis] = k
-        src_idx = can.to_source(tuple(centre_c))
-        pos_letter_pos, pos_letter_neg, comp = _POSITION_LETTERS[axis]
-        pos = float(sc.geometry.zyx_to_lps(src_idx)[comp])
-        label = f"{view.capitalize()}  {_AXIS_NAMES[slice_axis]} {src_idx[slice_axis]}"
-        if sc.grid == "source":
-            label += f"  ·  {pos_letter_pos if pos >= 0 else pos_letter_neg} {abs(pos):.1f} mm"
-        draw.text((cx + LETTER_M, cy + 3), label, font=f_caption, fill=TEXT_COLOUR)
-
-        # orientation letters, just outside the image edges
-        letters = can.letters(view)
-        mx, my = x0 + w_px / 2, y0 + h_px / 2
-        _text_center(draw, (mx, y0 - LETTER_M / 2), letters["top"], f_letter, LETTER_COLOUR)
-        _text_center(draw, (mx, y0 + h_px + LETTER_M / 2), letters["bottom"], f_letter, LETTER_COLOUR)
-        _text_center(draw, (x0 - LETTER_M / 2, my), letters["left"], f_letter, LETTER_COLOUR)
-        _text_center(draw, (x0 + w_px + LETTER_M / 2, my), letters["right"], f_letter, LETTER_COLOUR)
-
-        # scale bar (pixels are square: one mm per pixel for the panel)
-        scale_mm = nice_scale_mm(mpp, PANEL)
-        scale_px = int(round(scale_mm / mpp))
-        bx, by = cx + LETTER_M, cy + CAPTION_H + PANEL + 2 * LETTER_M + 6
-        draw.rectangle([bx, by, bx + scale_px - 1, by + 3], fill=SCALE_COLOUR)
-        draw.text((bx + scale_px + 8, by - 6), f"{scale_mm:g} {unit}", font=f_small, fill=TEXT_COLOUR)
-
-        panels.append(
-            Panel(
-                view=view,
-                label=label,
-                slice_index=int(src_idx[slice_axis]),
-                slice_axis=_AXIS_NAMES[slice_axis],
-                position_mm=pos,
-                x0=x0,
-                y0=y0,
-                width=w_px,
-                height=h_px,
-                mm_per_px=mpp,
-                crop=(r0, c0, nr, nc),
-                rows=rows_i,
-                cols=cols_i,
-                letters=letters,
-                scale_mm=scale_mm,
-                scale_px=scale_px,
-                scale_xy=(bx, by),
-                box_px=box_px,
-            )
-        )
-    return Montage(image=img, panels=panels, grid=sc.grid, window=sc.window, notes=sc.notes)
+    scale_mm, scale_px, scale_xy = _draw_scale(draw, mpp, cell, unit, fonts.small)
+    return Panel(
+        view=v.view,
+        label=label,
+        slice_index=slice_index,
+        slice_axis=_AXIS_NAMES[slice_axis],
+        position_mm=pos,
+        x0=x0,
+        y0=y0,
+        width=w_px,
+        height=h_px,
+        mm_per_px=mpp,
+        crop=(r0, c0, nr, nc),
+        rows=rows_i,
+        cols=cols_i,
+        letters=letters,
+        scale_mm=scale_mm,
+        scale_px=scale_px,
+        scale_xy=scale_xy,
+        box_px=box_px,
+    )
 
 
-def render_montage(result: Any, path: Path | str) -> Path | None:
+def render_montage(result: Result, path: Path | str) -> Path | None:
     """Write the montage PNG of a result's box/mask to ``path`` (atomically); ``None`` when there is nothing
     to show (no box and no or an empty mask)."""
     m = build_montage(result)
