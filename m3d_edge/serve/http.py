@@ -481,16 +481,15 @@ def _write_files(pipe: Any, result: Any, out: Path, preview: bool) -> dict[str, 
     """Mask NIfTI / DICOM SEG (and the preview) into the result folder, result.json last (atomic files)."""
     from m3d_edge.runtime.outputs import applicable_formats, write_outputs
 
-    meta = {"bundle_id": pipe.manifest.bundle_id, "bundle_version": pipe.manifest.producer}
     files = tuple(f for f in applicable_formats(result) if f != "json")  # JSON last, after the preview
-    write_outputs(result, out, formats=files, **meta)
+    write_outputs(result, out, formats=files)
     if preview:
         from m3d_edge.runtime.report import render_montage, write_study_report
 
         montage = render_montage(result, out / "montage.png")
         report = write_study_report([result], out, montages=[montage])
         result.outputs.update({"montage": str(montage), "report": str(report)})
-    write_outputs(result, out, formats=("json",), **meta)
+    write_outputs(result, out, formats=("json",))
     return result.to_dict(relative_to=out)
 
 
