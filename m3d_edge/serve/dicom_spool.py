@@ -14,6 +14,7 @@ A rename is atomic on one file system, so a killed listener finds each series in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -101,10 +102,8 @@ class Spool:
         for state in ("incoming", "processing"):
             for dirpath, _, files in os.walk(self.folder(state)):
                 for f in files:
-                    try:
+                    with contextlib.suppress(OSError):  # removed while we walked
                         total += os.stat(os.path.join(dirpath, f)).st_size
-                    except OSError:
-                        pass
         return total
 
     def quarantine(self, data: bytes | Path, name: str, reason: str) -> Path:

@@ -288,3 +288,16 @@ async def receive_body(request: Any, dest: Path, limit: int) -> tuple[str, bytes
     if n == 0:
         raise ApiError(400, "empty_upload", "the request body is empty; send the study's bytes")
     return h.hexdigest()[:32], head
+
+
+async def receive_body_json(request: Any, limit: int = 64 * 1024) -> Any:
+    """The request body parsed as JSON (at most ``limit`` bytes)."""
+    data = b""
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise ApiError(413, "request_too_large", f"JSON body over {limit} bytes")
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise ApiError(400, "bad_request", "the body is not valid JSON") from None

@@ -13,6 +13,7 @@ order admitted. A job cancelled while waiting is skipped when its turn comes; a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -123,10 +124,8 @@ class ModelWorker:
         else:
             job.future.set_result(inner.result())
         if job.events is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed (shutdown)
                 job.loop.call_soon_threadsafe(job.events.put_nowait, DONE)
-            except RuntimeError:  # the loop is already closed (shutdown)
-                pass
 
     def run_in_order(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn`` on the model thread after the admitted jobs, outside the queue limit (deletes)."""
