@@ -99,14 +99,14 @@ def run_torch(ckpt: Path, threads: int, runs: int, bf16: bool) -> dict:
     import torch
 
     from m3d_edge.export.reference import ReferenceModel
-    from m3d_edge.export.tokenizer import SlowTokenizer
+    from m3d_edge.export.tokenizer import convert_tokenizer
 
     torch.set_num_threads(threads)
     ref = ReferenceModel.from_checkpoint(ckpt)
     dtype = torch.bfloat16 if bf16 else torch.float32
     ref.model.to(dtype)
     volume, source = load_volume()
-    ids = SlowTokenizer(ckpt).encode("<im_patch>" * 256 + " " + QUESTION)
+    ids = convert_tokenizer(ckpt).encode("<im_patch>" * 256 + " " + QUESTION).ids
     image = torch.from_numpy(volume)[None].to(dtype)
     input_ids = torch.tensor([ids])
     vision, ttft, decode = [], [], []

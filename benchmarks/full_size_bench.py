@@ -175,7 +175,7 @@ def child_torch(a) -> dict:
 
     from m3d_edge.export.checkpoint import INDEX, LamedConfig, read_config, read_json
     from m3d_edge.export.reference import ReferenceModel, _materialize_buffers, build_model
-    from m3d_edge.export.tokenizer import SlowTokenizer
+    from m3d_edge.export.tokenizer import convert_tokenizer
 
     torch.set_num_threads(a.threads)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
@@ -198,7 +198,7 @@ def child_torch(a) -> dict:
     model.eval()
     ref = ReferenceModel(model, cfg)
     volume, source = load_volume()
-    ids = SlowTokenizer(a.ckpt).encode("<im_patch>" * 256 + " " + QUESTION)
+    ids = convert_tokenizer(a.ckpt).encode("<im_patch>" * 256 + " " + QUESTION).ids
     image = torch.from_numpy(volume)[None].to(dtype)
     input_ids = torch.tensor([ids])
     vision, prefill, decode = [], [], []

@@ -163,9 +163,8 @@ def test_bundle_manifest(tiny_bundles, tiny_checkpoints, family):
 
 
 def test_fast_tokenizer_in_bundle_matches_slow(tiny_bundles, tiny_checkpoints, family):
+    from reference_tokenizer import SlowTokenizer
     from tokenizers import Tokenizer
-
-    from m3d_edge.export.tokenizer import SlowTokenizer
 
     fast = Tokenizer.from_file(str(tiny_bundles[family] / "tokenizer.json"))
     slow = SlowTokenizer(tiny_checkpoints[family])

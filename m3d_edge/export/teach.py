@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
+from transformers import PreTrainedTokenizerBase
 
 from m3d_edge.export.reference import ReferenceModel
-from m3d_edge.export.tokenizer import SlowTokenizer
 from m3d_edge.runtime.imaging.phantom import ct_like_volume
 from m3d_edge.runtime.prompts import TASKS, build_prompt, question_for
 
@@ -30,7 +30,7 @@ ANSWERS: dict[tuple[str, str | None], str] = {
 
 def teach_answers(
     ref: ReferenceModel,
-    tokenizer: SlowTokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     eos_id: int,
     *,
     steps: int = 150,

@@ -203,7 +203,7 @@ def write_tiny_checkpoint(
     The ``full`` preset streams its weights shard by shard; ``layer_progress(done, total)`` counts layers. ``seg_band``: a
     SegVol head whose mask follows the demo phantom's liver (:mod:`m3d_edge.export.demo_seg`).
     """
-    from m3d_edge.export.tokenizer import write_tokenizer_files
+    from m3d_edge.export.tiny_tokenizer import write_tokenizer_files
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,14 +229,15 @@ def write_tiny_checkpoint(
         decoder_std = 0.02 if trained else PRESETS[preset]["decoder_std"]
     _randomize(model, decoder_std, torch.Generator().manual_seed(seed))
     if trained:
+        from transformers import PreTrainedTokenizerFast
+
         from m3d_edge.export.reference import ReferenceModel
         from m3d_edge.export.teach import teach_answers
-        from m3d_edge.export.tokenizer import SlowTokenizer, read_token_ids
+        from m3d_edge.export.tokenizer import convert_tokenizer, read_token_ids
 
         eos = read_token_ids(out)["eos"]
-        teach_answers(
-            ReferenceModel(model, cfg), SlowTokenizer(out), eos, steps=teach_steps, progress=progress
-        )
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=convert_tokenizer(out))  # the bundle's tokenizer
+        teach_answers(ReferenceModel(model, cfg), tokenizer, eos, steps=teach_steps, progress=progress)
     if seg_band:
         from m3d_edge.export.demo_seg import phantom_liver_band, set_band_head
         from m3d_edge.runtime.imaging.phantom import phantom_hu

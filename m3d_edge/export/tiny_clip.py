@@ -52,7 +52,7 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def tiny_vocab() -> list[str]:
     """A small uncased WordPiece vocabulary: specials, characters, ``##`` pieces and report words."""
-    from m3d_edge.export.tokenizer import _WORDS
+    from m3d_edge.export.tiny_tokenizer import _WORDS
 
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789") + list(".,;:!?-/%()[]'\"")
     pieces = [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
