@@ -11,7 +11,7 @@ import pytest
 
 from m3d_edge.errors import StudyError
 from m3d_edge.runtime.imaging import load_study, preprocess
-from m3d_edge.runtime.imaging.dicom import scan_folder
+from m3d_edge.runtime.imaging.dicom_series import scan_folder
 
 try:
     from imaging_fixtures import dicomdir_tests, lung_volume, pydicom_test_file, write_ct_series

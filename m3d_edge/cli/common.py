@@ -188,7 +188,7 @@ def check_study_arg(study: Path) -> None:
     low = study.name.lower()
     if low.endswith((".nii", ".nii.gz", ".npy", ".nrrd", ".nhdr", ".mha", ".mhd")):
         return
-    from m3d_edge.runtime.imaging.dicom import is_dicom_file
+    from m3d_edge.runtime.imaging.dicom_files import is_dicom_file
 
     if not is_dicom_file(study):
         raise StudyError(
@@ -222,11 +222,12 @@ def open_pipeline(bundle: Path, precision: str | None, threads: int, provider: s
 
 
 def sampling_params(
-    sample: bool,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    seed: int | None,
+    *,
+    sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
     logit_bias: dict[int, float] | None = None,
 ):
     from m3d_edge.runtime.generate import SamplingParams

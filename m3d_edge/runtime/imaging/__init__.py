@@ -35,7 +35,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in ("scan_folder", "SeriesInfo"):
-        from m3d_edge.runtime.imaging import dicom
+        from m3d_edge.runtime.imaging import dicom_series as dicom
 
         return getattr(dicom, name)
     raise AttributeError(name)

@@ -94,7 +94,8 @@ def load_study(
         from m3d_edge.runtime.imaging.metaimage import load_metaimage
 
         return load_metaimage(path, max_voxels=max_voxels)
-    from m3d_edge.runtime.imaging.dicom import is_dicom_file, load_dicom
+    from m3d_edge.runtime.imaging.dicom import load_dicom
+    from m3d_edge.runtime.imaging.dicom_files import is_dicom_file
 
     if is_dicom_file(path):
         return load_dicom(path, series=series, allow_resample=allow_resample, max_voxels=max_voxels)
