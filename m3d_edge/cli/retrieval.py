@@ -6,9 +6,7 @@ Registered on the main app by :func:`register`; the work is done by
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,14 +19,9 @@ from rich.text import Text
 
 from m3d_edge.cli.common import EXIT_BATCH_PARTIAL, backend_options, console, handle_errors, note
 from m3d_edge.errors import PromptError, StudyError
-
-try:  # the batch engine's discovery and error log: m3d_edge.jobs (issue 12), else their cli/batch.py originals
-    from m3d_edge.jobs import discover
-    from m3d_edge.jobs.error_log import log_error
-except ImportError:  # pragma: no cover - before the jobs package is merged
-    from m3d_edge.cli.batch import discover, log_error
-
-PRIVATE_ENV = "M3D_EDGE_PRIVATE"  # batch's switch for a whole site: privacy mode without the flag
+from m3d_edge.jobs import discover
+from m3d_edge.jobs.error_log import log_error
+from m3d_edge.jobs.privacy import ENV_FLAG, private_enabled
 
 index_app = typer.Typer(
     help="Build and maintain an M3D-CLIP study index (faiss + SQLite) for `m3d-edge search`.",
@@ -155,7 +148,7 @@ def index_build(
     privacy: bool = typer.Option(
         False,
         "--private",
-        help=f"Privacy mode (also {PRIVATE_ENV}=1): store no study names or source paths, only UIDs and hashes.",
+        help=f"Privacy mode (also {ENV_FLAG}=1): store no study names or source paths, only UIDs and hashes.",
     ),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Volumes per image-encoder run."),
     approx_min: int | None = typer.Option(
@@ -169,7 +162,7 @@ def index_build(
     """
     from m3d_edge.runtime.retrieval_index import APPROX_MIN, StudyIndex
 
-    privacy = privacy or os.environ.get(PRIVATE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    privacy = private_enabled(privacy)
     studies = discover(root)
     if not studies:
         raise StudyError(f"{root}: no studies (subfolders, .nii, .nii.gz or .npy files) found")
@@ -333,67 +326,6 @@ def _show(rows: list[dict[str, Any]], query: dict[str, Any], bundle_id: str, as_
 # ------------------------------------------------------------------------------------------ eval
 
 
-def read_pairs(path: Path, split: str | None = None, data_root: Path | None = None) -> list[tuple[Path, str]]:
-    """(study path, report text) pairs from a JSON (M3D-Cap style), JSON-lines, CSV or TSV file.
-
-    JSON: a list of ``{"image": ..., "text": ...}`` or ``{split: [...]}`` (choose with ``split``). JSONL:
-    one such object per line (``study``/``report`` also accepted). CSV/TSV: ``study,report`` rows. A
-    ``text`` ending in ``.txt`` that names a file is read from it. Relative paths are resolved against
-    ``data_root`` (default: the pairs file's folder).
-    """
-    root = Path(data_root) if data_root else path.parent
-    if not path.is_file():
-        raise PromptError(f"{path}: no such pairs file")
-    try:
-        raw = path.read_text(encoding="utf-8")
-        suffix = path.suffix.lower()
-        if suffix == ".json":
-            data = json.loads(raw)
-            if isinstance(data, dict):
-                if split is None and len(data) == 1:
-                    split = next(iter(data))
-                if split not in data:
-                    raise PromptError(f"{path}: choose a split with --split ({', '.join(map(str, data))})")
-                data = data[split]
-            items = data
-        elif suffix == ".jsonl":
-            items = [json.loads(ln) for ln in raw.splitlines() if ln.strip()]
-        elif suffix in (".csv", ".tsv"):
-            reader = csv.reader(raw.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-            items = [{"image": row[0], "text": row[1]} for row in reader if row and len(row) >= 2]
-        else:
-            raise PromptError(f"{path}: pairs must be .json, .jsonl, .csv or .tsv")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PromptError(f"{path}: unreadable pairs file ({e})") from e
-    pairs = []
-    for k, item in enumerate(items if isinstance(items, list) else []):
-        if not isinstance(item, dict):
-            raise PromptError(f"{path}: pair {k + 1} is not an object with image and text")
-        image, text = item.get("image", item.get("study")), item.get("text", item.get("report"))
-        if not isinstance(image, str) or not isinstance(text, str) or not text.strip():
-            raise PromptError(f"{path}: pair {k + 1} needs an image/study path and a text/report")
-        if text.endswith(".txt") and (root / text).is_file():
-            text = (root / text).read_text(encoding="utf-8")
-        pairs.append((root / image, text))
-    if len(pairs) < 2:
-        raise PromptError(f"{path}: need at least 2 (study, report) pairs, found {len(pairs)}")
-    return pairs
-
-
-def evaluate_pairs(r, pairs: list[tuple[Path, str]], ks=(1, 5, 10), progress: Callable | None = None) -> dict:
-    """Recall@k both ways over the pairs (every study must load: a missing one fails the evaluation)."""
-    from m3d_edge.runtime.retrieval import recall_at_k
-
-    images = np.zeros((len(pairs), r.dim), np.float32)
-    for i, (_, emb) in enumerate(r.embed_studies([p for p, _ in pairs])):
-        images[i] = emb.vector
-        if progress:
-            progress(i + 1)
-    texts = r.embed_texts([t for _, t in pairs])
-    recall = recall_at_k(images @ texts.T, ks)
-    return {"pairs": len(pairs), "bundle_id": r.bundle_id, "max_length": r.max_length, **recall}
-
-
 def eval_retrieval(
     bundle: Path = BundleArg,
     pairs: Path = typer.Argument(
@@ -412,6 +344,8 @@ def eval_retrieval(
     threads: int = ThreadsOpt,
 ) -> None:
     """Recall@1/5/10 image-to-text and text-to-image over (study, report) pairs, as M3D-Bench computes it."""
+    from m3d_edge.runtime.retrieval_eval import evaluate_pairs, read_pairs
+
     items = read_pairs(pairs, split, data_root)
     r = _open_retriever(bundle, threads, max_length)
     if as_json:  # stdout holds only the JSON
