@@ -44,6 +44,7 @@ from m3d_edge.cli.common import (
     warn_study,
 )
 from m3d_edge.errors import BundleError, GenerationError, PromptError, StudyError
+from m3d_edge.runtime.prompts import SEG_FORCE_BIAS
 
 EXIT_CODES = (
     "Exit codes: 0 ok · 1 unexpected error · 2 bad usage, unknown task or bad argument · "
@@ -195,12 +196,8 @@ FormatOpt = typer.Option(
 ForceSegOpt = typer.Option(
     False,
     "--force-seg",
-    help="Bias the [SEG] token by +40 so a mask is produced (random-weight test models).",
+    help=f"Bias the [SEG] token by +{SEG_FORCE_BIAS:g} so a mask is produced (random-weight test models).",
 )
-
-
-def _seg_bias(pipe: Any, force_seg: bool) -> dict[int, float]:
-    return pipe.seg_bias(force_seg)
 
 
 # ------------------------------------------------------------------------------------------ demo
@@ -262,8 +259,8 @@ def demo(
             Text(
                 "The weights are random: the text above is meaningless by design; this demo shows the "
                 "plumbing (DICOM in, ONNX graphs, generation, box/mask mapping, JSON/NIfTI/DICOM SEG out).\n"
-                "For 'segment' the [SEG] token was forced with a logit bias of +40 "
-                "(SamplingParams(logit_bias={seg_id: 40.0})) so a mask is produced.\n"
+                f"For 'segment' the [SEG] token was forced with a logit bias of +{SEG_FORCE_BIAS:g} "
+                "(Pipeline.seg_bias()) so a mask is produced.\n"
                 "A locate answer from random weights rarely contains a box, so none may be shown.",
             ),
             title="note",
@@ -598,12 +595,12 @@ def run(
     fmt = parse_formats(formats)
     if want_preview and out is None:
         raise PromptError("--preview needs --out DIR")
-    params = sampling_params(sample, temperature, top_p, top_k, seed)
+    params = sampling_params(sample=sample, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     check_numbers(threads, max_new_tokens)
     check_out_dir(out)
     check_study_arg(study)
     pipe = open_pipeline(bundle, precision, threads, provider)
-    params.logit_bias.update(_seg_bias(pipe, force_seg))
+    params.logit_bias.update(pipe.seg_bias(force_seg))
     on_text = stream_writer(to_stderr=as_json) if stream else None
     result = pipe.ask(
         study,
@@ -619,7 +616,7 @@ def run(
         (sys.stderr if as_json else sys.stdout).write("\n")
     warn_study(result.study)
     if out is not None:
-        write_run_outputs(result, out, pipe, private, formats=fmt)
+        write_run_outputs(result, out, private, formats=fmt)
     html = preview([result], out) if want_preview and out is not None else None
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
@@ -688,7 +685,7 @@ def chat(
         state = pipe.prepare(study, series=series, allow_resample=allow_resample)
     warn_study(state.study)
     console.print(f"study ready ({fmt_s(state.timings.get('vision'))} vision). {CHAT_HELP}", soft_wrap=True)
-    params = sampling_params(False, 1.0, 1.0, 0, None, _seg_bias(pipe, force_seg))
+    params = sampling_params(logit_bias=pipe.seg_bias(force_seg))
     turn = 0
     while True:
         console.print("[bold cyan]>[/bold cyan] ", end="")
@@ -808,7 +805,7 @@ def batch(
 
     check_out(out, root)
     pipe = open_pipeline(bundle, precision, threads, provider)
-    params = sampling_params(False, 1.0, 1.0, 0, None, _seg_bias(pipe, force_seg))
+    params = sampling_params(logit_bias=pipe.seg_bias(force_seg))
     request = dict(
         request,
         max_new_tokens=max_new_tokens,

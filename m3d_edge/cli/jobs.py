@@ -9,7 +9,7 @@ from m3d_edge.jobs.privacy import Privacy, private_enabled
 
 
 def write_run_outputs(
-    result, out: Path, pipe, private: bool = False, formats: tuple[str, ...] | None = None
+    result, out: Path, private: bool = False, formats: tuple[str, ...] | None = None
 ) -> dict[str, str]:
     """``run --out``: replace the folder's previous result (mask and SEG included) with this one."""
     privacy = Privacy(out) if private_enabled(private) else None
