@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
-import statistics
 import time
 from pathlib import Path
+
+from m3d_edge.cli.bench import peak_rss_bytes, percentiles
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,16 +43,14 @@ def wait_for_quiet(max_load: float = 0.25, timeout: float = 120.0, window: float
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS in MiB (m3d_edge.cli.bench.peak_rss_bytes, the one measurement)."""
+    return peak_rss_bytes() / 2**20
 
 
 def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
+    """The results files' summary of samples: median, min, max, n (from m3d_edge.cli.bench.percentiles)."""
+    p = percentiles(values)
+    return {"median": p["p50"], "min": p["min"], "max": p["max"], "n": p["n"]}
 
 
 def machine() -> dict[str, object]:

@@ -348,3 +348,75 @@ def read_manifest(bundle_dir: Path | str, verify: bool = True) -> Manifest:
     if verify:
         verify_files(bundle_dir, manifest)
     return manifest
+
+
+def _file_bytes(bundle_dir: Path, names: Any) -> int:
+    return sum((bundle_dir / f).stat().st_size for f in names if f and (bundle_dir / f).is_file())
+
+
+def _describe_graphs(bundle_dir: Path, manifest: Manifest) -> dict[str, dict[str, Any]]:
+    graphs = {}
+    for name, g in manifest.graphs.items():
+        variants = {
+            prec: {
+                "file": v.get("file"),
+                "bytes": _file_bytes(bundle_dir, v.get("sha256") or [v.get("file")]),
+            }
+            for prec, v in g.variants.items()
+        }
+        graphs[name] = {
+            "file": g.file,
+            "precision": g.precision,
+            "default": g.default,
+            "variants": variants,
+            "bytes": _file_bytes(bundle_dir, g.sha256),
+            "opset": g.opset,
+        }
+    return graphs
+
+
+def _describe_calibration(bundle_dir: Path, manifest: Manifest) -> dict[str, dict[str, Any]]:
+    """The calibration reports; ``verified`` says whether a variant's hash list vouches for one (a
+    failed variant's report stays unlisted: shown, not vouched for). Symlinks out of the bundle are refused."""
+    folder = bundle_dir / "calibration"
+    hashed = {f for g in manifest.graphs.values() for v in g.variants.values() for f in v.get("sha256", {})}
+    reports: dict[str, dict[str, Any]] = {}
+    for p in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        if not p.resolve().is_relative_to(bundle_dir.resolve()):
+            reports[p.name] = {"error": "outside the bundle (refused)"}
+            continue
+        try:
+            rep = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            rep = {"error": f"unreadable ({type(exc).__name__})"}
+        rep = rep if isinstance(rep, dict) else {"value": rep}
+        reports[p.name] = {**rep, "verified": f"calibration/{p.name}" in hashed}
+    return reports
+
+
+def describe(bundle_dir: Path | str) -> dict[str, Any]:
+    """What a bundle holds, as plain data: identity, integrity (every sha256 checked, a failure is
+    reported, not raised), dims, token ids, prompt and generation settings, graphs with their variants
+    and sizes, and the calibration reports (``m3d-edge inspect BUNDLE --json``)."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir, verify=False)
+    try:
+        verify_files(bundle_dir, manifest)
+        integrity = "ok (every sha256 matches)"
+    except BundleError as exc:
+        integrity = f"FAILED: {exc}"
+    return {
+        "bundle": str(bundle_dir),
+        "bundle_id": manifest.bundle_id,
+        "producer": manifest.producer,
+        "schema_version": manifest.schema_version,
+        "integrity": integrity,
+        "total_bytes": sum(p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file()),
+        "dims": {**asdict(manifest.dims), "context_length": manifest.dims.context_length},
+        "token_ids": manifest.token_ids,
+        "prompt": manifest.prompt,
+        "generation": manifest.generation,
+        "source": manifest.source,
+        "graphs": _describe_graphs(bundle_dir, manifest),
+        "calibration": _describe_calibration(bundle_dir, manifest),
+    }

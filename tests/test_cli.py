@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from conftest import ct_like_volume
@@ -109,7 +110,7 @@ def test_other_error_classes(bundle, npy_study, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("m3d_edge.cli.app.open_pipeline", boom)
+    monkeypatch.setattr("m3d_edge.cli.commands.ask.open_pipeline", boom)
     r = invoke("run", bundle, npy_study, "--task", "report")
     assert r.exit_code == 1 and "unexpected RuntimeError: boom" in one_error_line(r)
 
@@ -133,8 +134,10 @@ def test_run_json_has_the_schema(bundle, npy_study, tmp_path):
     for key in ("vision", "seg_encoder", "prefill", "decode_steps", "decode_seconds", "seg_decoder", "total"):
         assert key in t
     assert d["provenance"]["bundle_id"] and d["provenance"]["precision"]["decoder"] == "fp32"
-    assert d["mask"]["voxels"] >= 0 and d["mask"]["shape"] == [32, 256, 256]
+    assert d["mask"]["shape"] == [32, 256, 256]
     assert (out / "result.json").is_file() and (out / "result_mask.nii.gz").is_file()
+    written = np.asarray(nib.load(out / "result_mask.nii.gz").dataobj)
+    assert d["mask"]["voxels"] == int(np.count_nonzero(written))  # the count of the mask that was written
     assert not (out / "result_seg.dcm").exists()  # not a DICOM study
     on_disk = json.loads((out / "result.json").read_text())
     assert on_disk["mask"]["files"] == {"nifti": "result_mask.nii.gz"}

@@ -31,12 +31,12 @@ from m3d_edge import __version__
 from m3d_edge.bundle import read_manifest, sha256_file, write_manifest
 from m3d_edge.calibration.data import load_calibration_data
 from m3d_edge.calibration.quantize import (
-    METHODS,
     file_bytes,
     io_names,
     quantize_decoder,
     quantize_encoder,
 )
+from m3d_edge.choices import CALIBRATION_METHODS
 from m3d_edge.errors import BundleError, CalibrationError, M3DEdgeError
 from m3d_edge.fileio import atomic_write_text
 from m3d_edge.runtime.backend import BackendOptions
@@ -176,8 +176,10 @@ def calibrate_bundle(
     t_start = time.perf_counter()
     bundle = Path(bundle)
     gates = gates or Gates()
-    if method not in METHODS:
-        raise CalibrationError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
+    if method not in CALIBRATION_METHODS:
+        raise CalibrationError(
+            f"unknown calibration method {method!r} (choose from {', '.join(CALIBRATION_METHODS)})"
+        )
     bad = [b for b in weight_bits if b not in (4, 8)]
     if bad:
         raise CalibrationError(f"decoder weight bits must be 4 or 8 (got {bad})")

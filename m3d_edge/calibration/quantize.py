@@ -28,7 +28,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-METHODS = ("minmax", "entropy", "percentile")
+from m3d_edge.choices import CALIBRATION_METHODS
+
 ENCODER_OP_TYPES = ("MatMul", "Gemm")
 EXTERNAL_DATA_LIMIT = 1_800_000_000  # bytes of initializers above which a graph is saved with external data
 
@@ -67,7 +68,9 @@ def _calibration_method(method: str):
         "percentile": CalibrationMethod.Percentile,
     }
     if method not in table:
-        raise ValueError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
+        raise ValueError(
+            f"unknown calibration method {method!r} (choose from {', '.join(CALIBRATION_METHODS)})"
+        )
     return table[method]
 
 

@@ -20,6 +20,7 @@ BENCH_QUESTION = "Can you provide a caption consists of findings for this medica
 
 
 def percentiles(xs: list[float]) -> dict[str, float | int]:
+    """Count, p50/p90/p99, mean, min and max of timed samples (the bench tables and benchmarks/)."""
     a = np.asarray(xs, dtype=np.float64)
     return {
         "n": int(a.size),
@@ -27,10 +28,13 @@ def percentiles(xs: list[float]) -> dict[str, float | int]:
         "p90": float(np.percentile(a, 90)),
         "p99": float(np.percentile(a, 99)),
         "mean": float(a.mean()),
+        "min": float(a.min()),
+        "max": float(a.max()),
     }
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
@@ -136,4 +140,14 @@ def bench_reference(
             "decode_tokens_per_s": percentiles(tps),
         },
         "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def reference_ratios(ours: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
+    """Bundle against torch reference at p50 (``stages`` of each): > 1 means the bundle is faster."""
+    return {
+        "vision_speedup": ref["vision"]["p50"] / ours["vision"]["p50"],
+        "ttft_speedup": ref["ttft"]["p50"] / ours["ttft"]["p50"],
+        "decode_tokens_per_s_ratio": ours["decode_tokens_per_s"]["p50"]
+        / max(ref["decode_tokens_per_s"]["p50"], 1e-12),
     }

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from m3d_edge.cli.options import value
 from m3d_edge.errors import M3DEdgeError, PromptError, StudyError
 
 console = Console(highlight=False)
@@ -119,10 +120,10 @@ def task_request(
     """Validate the task options before any model is loaded; returns the keyword arguments of ``ask``."""
     from m3d_edge.runtime.prompts import question_for
 
-    for opt, value in (("--task", task), ("--target", target), ("--question", question), ("--box", box)):
-        check_text(opt, value)
-    for value in choices or []:
-        check_text("--choice", value)
+    for opt, text in (("--task", task), ("--target", target), ("--question", question), ("--box", box)):
+        check_text(opt, text)
+    for text in choices or []:
+        check_text("--choice", text)
     parsed_box = parse_box(box)
     if task is None:
         if not (question and question.strip()):
@@ -210,11 +211,11 @@ def backend_options(provider: str, threads: int):
     return BackendOptions(provider=provider, threads=threads)
 
 
-def open_pipeline(bundle: Path, precision: str | None, threads: int, provider: str):
+def open_pipeline(bundle: Path, precision: Any, threads: int, provider: Any):
+    """The bundle's pipeline for these CLI options (enum or plain values)."""
     from m3d_edge.runtime.pipeline import Pipeline
 
-    precision = getattr(precision, "value", precision)
-    provider = getattr(provider, "value", provider)
+    precision, provider = value(precision), value(provider)
     pipe = Pipeline.open(bundle, backend_options(provider, threads), precision=precision)
     for graph, used in getattr(pipe, "precision_fallbacks", {}).items():
         note(f"warning: --precision {precision}: {graph} runs {used}")

@@ -37,10 +37,10 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from m3d_edge.bundle import ModelDims, kv_names
+from m3d_edge.choices import EXPORT_PRECISIONS
 from m3d_edge.errors import ExportError
 from m3d_edge.export.checkpoint import LamedConfig
 from m3d_edge.export.decoder_weights import (
-    PRECISIONS,
     LayerWeights,
     Quant,
     ShardReader,
@@ -400,8 +400,10 @@ def write_decoders(
 
     ``layers`` truncates to the first k layers (validation of a model too large for a torch reference).
     """
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown decoder precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if precision not in EXPORT_PRECISIONS:
+        raise ExportError(
+            f"unknown decoder precision {precision!r} (choose from {', '.join(EXPORT_PRECISIONS)})"
+        )
     if standard and precision != "fp32":
         raise ExportError(
             "the standard-op (TensorRT) decoder is written in fp32 only; TensorRT picks FP16 itself"

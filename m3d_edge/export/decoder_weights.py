@@ -13,7 +13,6 @@ from m3d_edge.bundle import ModelDims
 from m3d_edge.errors import ExportError
 from m3d_edge.export.checkpoint import INDEX, LamedConfig, read_json
 
-PRECISIONS = ("fp32", "int8", "int4")
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: without it ORT has no fast CPU kernel
 

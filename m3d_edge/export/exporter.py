@@ -125,10 +125,10 @@ def validate_decoder(path: Path, module: torch.nn.Module, dims, layers: int, fus
 
 def _check_options(precision: str, tensorrt_graph: bool | None) -> bool:
     """Refuse an unknown precision; whether to write the standard-op decoder for TensorRT."""
-    from m3d_edge.export.decoder_onnx import PRECISIONS
+    from m3d_edge.choices import EXPORT_PRECISIONS
 
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if precision not in EXPORT_PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r} (choose from {', '.join(EXPORT_PRECISIONS)})")
     if tensorrt_graph is None:
         tensorrt_graph = precision == "fp32"
     if tensorrt_graph and precision != "fp32":

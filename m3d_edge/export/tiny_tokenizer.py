@@ -13,8 +13,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+from m3d_edge.choices import FAMILIES
 from m3d_edge.errors import ExportError
-from m3d_edge.export.tokenizer import FAMILIES, M3D_SPECIAL_TOKENS, SEG_TOKEN
+from m3d_edge.export.tokenizer import M3D_SPECIAL_TOKENS, SEG_TOKEN
 from m3d_edge.fileio import atomic_write_bytes
 
 VOCAB_SIZE = 32000

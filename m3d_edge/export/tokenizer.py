@@ -34,7 +34,6 @@ from m3d_edge.fileio import atomic_write_bytes
 SPIECE_UNDERLINE = "▁"
 M3D_SPECIAL_TOKENS = ["<im_patch>", "<bx_start>", "<bx_end>"]
 SEG_TOKEN = "[SEG]"
-FAMILIES = ("phi3", "llama")
 _M3D_KEYS = (*zip(("im_patch", "bx_start", "bx_end"), M3D_SPECIAL_TOKENS, strict=True), ("seg", SEG_TOKEN))
 
 

@@ -22,16 +22,12 @@ from pathlib import Path
 import onnxruntime as ort
 
 from m3d_edge.bundle import GraphSpec, Manifest
+from m3d_edge.choices import PROVIDERS
 from m3d_edge.errors import BackendError
 from m3d_edge.runtime.protocols import Array
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

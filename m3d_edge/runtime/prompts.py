@@ -18,6 +18,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from m3d_edge.choices import PROMPT_FORMATS
 from m3d_edge.errors import PromptError
 
 BOX_START, BOX_END, SEG_TOKEN = "<bx_start>", "<bx_end>", "[SEG]"
@@ -87,9 +88,6 @@ def question_for(
             raise PromptError("vqa_closed needs exactly four choices (A, B, C, D)")
         q += " Choices: " + " ".join(f"{letter}. {c}" for letter, c in zip("ABCD", choices, strict=True))
     return q
-
-
-PROMPT_FORMATS = ("auto", "demo", "train")
 
 
 def resolve_prompt_format(task: str | None, prompt_format: str | None = "auto") -> str:

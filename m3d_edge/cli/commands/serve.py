@@ -8,12 +8,25 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from m3d_edge.cli import ray as _ray  # --ray/--replicas (Ray Serve)
 from m3d_edge.cli.common import handle_errors, note, open_pipeline
+from m3d_edge.cli.options import (
+    BundleArg,
+    Precision,
+    PrecisionOpt,
+    Provider,
+    ProviderOpt,
+    ThreadsOpt,
+    epilog,
+    value,
+)
 from m3d_edge.errors import PromptError
+
+commands = typer.Typer()  # merged into the main app by m3d_edge.cli.app
 
 EXAMPLES = (
     "m3d-edge serve ./bundle --api-key-file ./keys.txt",
@@ -41,10 +54,10 @@ def _log_config() -> dict:
     return cfg
 
 
+@commands.command("serve", epilog=epilog(*EXAMPLES))
+@handle_errors
 def serve(
-    bundle: Path = typer.Argument(
-        ..., help="Bundle folder written by `m3d-edge export`.", show_default=False
-    ),
+    bundle: Path = BundleArg,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
     api_key_file: Path | None = typer.Option(
@@ -66,13 +79,9 @@ def serve(
     ),
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="TLS certificate (PEM); with --tls-key."),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="TLS private key (PEM)."),
-    precision: str | None = typer.Option(
-        None, "--precision", help="Graph precision variant (fp32, int8, ...)."
-    ),
-    threads: int = typer.Option(
-        0, "--threads", help="Intra-op threads per graph (0: onnxruntime's default)."
-    ),
-    provider: str = typer.Option("cpu", "--provider", help="Execution provider: cpu, cuda, tensorrt, trt."),
+    precision: Precision | None = PrecisionOpt,
+    threads: int = ThreadsOpt,
+    provider: Provider = ProviderOpt,
     timeout: float = typer.Option(300, "--timeout", min=0.1, help="Seconds a request may take (504 after)."),
     grace: int = typer.Option(20, "--grace", min=0, help="SIGTERM: seconds in-flight requests may finish."),
     data_dir: Path | None = typer.Option(
@@ -102,28 +111,10 @@ def serve(
         raise PromptError(
             f"m3d-edge serve needs the serve extra ({exc.name} is missing): pip install 'm3d-edge[serve]'"
         ) from None
-    from m3d_edge.serve.auth import keys_from_env, read_key_file
     from m3d_edge.serve.config import ServeConfig
 
-    if (tls_cert is None) != (tls_key is None):
-        raise PromptError("--tls-cert and --tls-key go together")
-    for p in (tls_cert, tls_key):
-        if p is not None and not p.is_file():
-            raise PromptError(f"{p}: no such file")
-    if allowed_root is not None and not allowed_root.is_dir():
-        raise PromptError(f"--allowed-root {allowed_root}: not a folder")
-    keys = []
-    if api_key_file is not None:
-        keys, warning = read_key_file(api_key_file)
-        if warning:
-            note(f"warning: {warning}")
-    keys += keys_from_env()
-    if not keys and not no_auth:
-        raise PromptError(
-            "no API keys: give --api-key-file FILE or set M3D_EDGE_API_KEYS (or --no-auth on loopback)"
-        )
-    if no_auth and not _loopback(host):
-        raise PromptError(f"--no-auth is only allowed on a loopback address, not {host}")
+    _check_paths(tls_cert, tls_key, allowed_root)
+    keys = _api_keys(api_key_file, no_auth, host)
     if not _loopback(host) and tls_cert is None:
         note(f"warning: serving plain HTTP on {host}; API keys and studies cross the network unencrypted")
     config = ServeConfig(
@@ -143,16 +134,49 @@ def serve(
         tls_cert=tls_cert,
         tls_key=tls_key,
         cors_origins=list(cors_origin or []),
-        precision=precision,
+        precision=value(precision),
         threads=threads,
-        provider=provider,
+        provider=value(provider),
         grace_s=grace,
     )
     if ray_address is not None:  # Ray Serve replicas, each opening its own model (m3d_edge.serve.ray_serve)
         return _ray.serve_on_ray(config, ray_address, replicas, min_replicas, max_replicas)
     pipe = open_pipeline(bundle, precision, threads, provider)  # a bad bundle fails here, exit 4
-    app = create_app(config, pipe)
-    state = app.state.m3d
+    _run_uvicorn(uvicorn, create_app(config, pipe), config)
+
+
+def _check_paths(tls_cert: Path | None, tls_key: Path | None, allowed_root: Path | None) -> None:
+    if (tls_cert is None) != (tls_key is None):
+        raise PromptError("--tls-cert and --tls-key go together")
+    for p in (tls_cert, tls_key):
+        if p is not None and not p.is_file():
+            raise PromptError(f"{p}: no such file")
+    if allowed_root is not None and not allowed_root.is_dir():
+        raise PromptError(f"--allowed-root {allowed_root}: not a folder")
+
+
+def _api_keys(api_key_file: Path | None, no_auth: bool, host: str) -> list:
+    """The keys of --api-key-file and M3D_EDGE_API_KEYS; none only with --no-auth on loopback."""
+    from m3d_edge.serve.auth import keys_from_env, read_key_file
+
+    keys = []
+    if api_key_file is not None:
+        keys, warning = read_key_file(api_key_file)
+        if warning:
+            note(f"warning: {warning}")
+    keys += keys_from_env()
+    if not keys and not no_auth:
+        raise PromptError(
+            "no API keys: give --api-key-file FILE or set M3D_EDGE_API_KEYS (or --no-auth on loopback)"
+        )
+    if no_auth and not _loopback(host):
+        raise PromptError(f"--no-auth is only allowed on a loopback address, not {host}")
+    return keys
+
+
+def _run_uvicorn(uvicorn: Any, app: Any, config: Any) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT, draining in-flight requests within ``config.grace_s``."""
+    state, grace = app.state.m3d, config.grace_s
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -167,12 +191,12 @@ def serve(
 
     uv = uvicorn.Config(
         app,
-        host=host,
-        port=port,
+        host=config.host,
+        port=config.port,
         access_log=False,  # the app logs its own access lines (no query strings)
         log_config=_log_config(),
-        ssl_certfile=str(tls_cert) if tls_cert else None,
-        ssl_keyfile=str(tls_key) if tls_key else None,
+        ssl_certfile=str(config.tls_cert) if config.tls_cert else None,
+        ssl_keyfile=str(config.tls_key) if config.tls_key else None,
         timeout_graceful_shutdown=grace,
         server_header=False,
         proxy_headers=False,
@@ -181,9 +205,3 @@ def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
     Server(uv).run()
-
-
-def register(app: typer.Typer) -> None:
-    from m3d_edge.cli.app import _epilog
-
-    app.command("serve", epilog=_epilog(*EXAMPLES))(handle_errors(serve))

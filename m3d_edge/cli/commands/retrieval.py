@@ -1,13 +1,12 @@
 """``m3d-edge index build|add|remove|info``, ``m3d-edge search`` and ``m3d-edge eval-retrieval`` (M3D-CLIP).
 
-Registered on the main app by :func:`register`; the work is done by
+The work is done by
 :mod:`m3d_edge.runtime.retrieval` (embeddings) and :mod:`m3d_edge.runtime.retrieval_index` (faiss + SQLite).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from m3d_edge.cli.common import EXIT_BATCH_PARTIAL, backend_options, console, handle_errors, note
+from m3d_edge.cli.options import ThreadsOpt, epilog
 from m3d_edge.errors import PromptError, StudyError
 from m3d_edge.jobs import discover
 from m3d_edge.jobs.error_log import log_error
@@ -29,12 +29,14 @@ index_app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+commands = typer.Typer()  # merged into the main app by m3d_edge.cli.app
+commands.add_typer(index_app, name="index")
+
 BundleArg = typer.Argument(..., help="Retrieval bundle (an exported M3D-CLIP).", show_default=False)
 IndexArg = typer.Argument(..., help="Index folder written by `m3d-edge index build`.", show_default=False)
 BundleOpt = typer.Option(
     None, "--bundle", help="Retrieval bundle (default: the one that built the index).", show_default=False
 )
-ThreadsOpt = typer.Option(0, "--threads", help="Intra-op threads per graph (0: onnxruntime's default).")
 
 
 def _progress() -> Progress:
@@ -135,7 +137,13 @@ def tiny_clip(out: Path, family: str = "clip", preset: str = "tiny", seed: int =
 # ------------------------------------------------------------------------------------------ index
 
 
-@index_app.command("build")
+@index_app.command(
+    "build",
+    epilog=epilog(
+        "m3d-edge index build ./clip_bundle ./studies -o ./index",
+        "m3d-edge index build ./clip_bundle ./studies -o ./index --private   # no names or paths stored",
+    ),
+)
 @handle_errors
 def index_build(
     bundle: Path = BundleArg,
@@ -184,7 +192,7 @@ def _study_name(path: Path) -> str:
     return path.name[: len(path.name) - len(suffix)] if path.is_file() and suffix else path.name
 
 
-@index_app.command("add")
+@index_app.command("add", epilog=epilog("m3d-edge index add ./index ./new_ct_folder ./other.nii.gz"))
 @handle_errors
 def index_add(
     index: Path = IndexArg,
@@ -201,7 +209,7 @@ def index_add(
     _summary(idx, embed_into(idx, r, items, 2, "index add"), f"index {index}")
 
 
-@index_app.command("remove")
+@index_app.command("remove", epilog=epilog("m3d-edge index remove ./index 17 1.2.840.113619.2.55.3.604688"))
 @handle_errors
 def index_remove(
     index: Path = IndexArg,
@@ -221,7 +229,7 @@ def index_remove(
         raise PromptError(f"{index}: no indexed study with id {', '.join(map(str, absent))}")
 
 
-@index_app.command("info")
+@index_app.command("info", epilog=epilog("m3d-edge index info ./index --json"))
 @handle_errors
 def index_info(index: Path = IndexArg, as_json: bool = typer.Option(False, "--json")) -> None:
     """What an index holds: bundle, size, exact or approximate."""
@@ -260,6 +268,15 @@ def read_lines(path: Path) -> list[str]:
     return lines
 
 
+@commands.command(
+    "search",
+    epilog=epilog(
+        'm3d-edge search ./index --text "large liver lesion" --top-k 5',
+        "m3d-edge search ./index --study ./ct_folder --json",
+        "m3d-edge search ./index --study ./ct_folder --reports ./candidate_reports.txt",
+    ),
+)
+@handle_errors
 def search(
     index: Path = IndexArg,
     text: str | None = typer.Option(None, "--text", help="Find studies matching this text."),
@@ -326,6 +343,14 @@ def _show(rows: list[dict[str, Any]], query: dict[str, Any], bundle_id: str, as_
 # ------------------------------------------------------------------------------------------ eval
 
 
+@commands.command(
+    "eval-retrieval",
+    epilog=epilog(
+        "m3d-edge eval-retrieval ./clip_bundle ./pairs.jsonl",
+        "m3d-edge eval-retrieval ./clip_bundle ./M3D_Cap.json --split test --max-length 512 --json",
+    ),
+)
+@handle_errors
 def eval_retrieval(
     bundle: Path = BundleArg,
     pairs: Path = typer.Argument(
@@ -365,32 +390,3 @@ def eval_retrieval(
     for d in ("image_to_text", "text_to_image"):
         table.add_row(d.replace("_", " "), *(f"{result[d][k]:.3f}" for k in (1, 5, 10)))
     console.print(table)
-
-
-INDEX_EXAMPLES = {
-    "build": (
-        "m3d-edge index build ./clip_bundle ./studies -o ./index",
-        "m3d-edge index build ./clip_bundle ./studies -o ./index --private   # no names or paths stored",
-    ),
-    "add": ("m3d-edge index add ./index ./new_ct_folder ./other.nii.gz",),
-    "remove": ("m3d-edge index remove ./index 17 1.2.840.113619.2.55.3.604688",),
-    "info": ("m3d-edge index info ./index --json",),
-}
-
-
-def register(app: typer.Typer, epilog: Callable[..., str]) -> None:
-    """Add ``index``, ``search`` and ``eval-retrieval`` to the main app (``epilog`` formats examples)."""
-    for cmd in index_app.registered_commands:
-        cmd.epilog = epilog(*INDEX_EXAMPLES[cmd.name])
-    app.add_typer(index_app, name="index")
-    search_examples = (
-        'm3d-edge search ./index --text "large liver lesion" --top-k 5',
-        "m3d-edge search ./index --study ./ct_folder --json",
-        "m3d-edge search ./index --study ./ct_folder --reports ./candidate_reports.txt",
-    )
-    app.command("search", epilog=epilog(*search_examples))(handle_errors(search))
-    eval_examples = (
-        "m3d-edge eval-retrieval ./clip_bundle ./pairs.jsonl",
-        "m3d-edge eval-retrieval ./clip_bundle ./M3D_Cap.json --split test --max-length 512 --json",
-    )
-    app.command("eval-retrieval", epilog=epilog(*eval_examples))(handle_errors(eval_retrieval))

@@ -6,14 +6,16 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from m3d_edge.cli.common import console, handle_errors, note, open_pipeline
+from m3d_edge.cli.options import epilog
 from m3d_edge.errors import PromptError
+
+commands = typer.Typer()  # merged into the main app by m3d_edge.cli.app
 
 ConfigOpt = typer.Option(..., "--config", "-c", help="Node config file (TOML).", show_default=False)
 
@@ -40,6 +42,14 @@ def _logging(state_dir: Path, verbose: bool) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.ERROR)  # its INFO lines are per association noise
 
 
+@commands.command(
+    "listen",
+    epilog=epilog(
+        "m3d-edge listen ./bundle --config node.toml",
+        "python -m pynetdicom storescu 127.0.0.1 11112 ./ct_folder -r -aet PACS -aec M3D_EDGE",
+    ),
+)
+@handle_errors
 def listen(
     bundle: Path = typer.Argument(
         ..., help="Bundle folder written by `m3d-edge export`.", show_default=False
@@ -68,6 +78,8 @@ def listen(
     DicomNode(cfg, pipe).serve_forever()
 
 
+@commands.command("listen-status", epilog=epilog("m3d-edge listen-status --config node.toml --json"))
+@handle_errors
 def listen_status(
     config: Path = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
@@ -101,6 +113,8 @@ def listen_status(
     console.print(box)
 
 
+@commands.command("listen-retry", epilog=epilog("m3d-edge listen-retry --config node.toml"))
+@handle_errors
 def listen_retry(
     config: Path = ConfigOpt,
     runs: list[str] | None = typer.Argument(
@@ -122,20 +136,3 @@ def listen_retry(
         note(f"not in failed/: {', '.join(missing)}", "red")
     n = Outbox(spool).retry_now()
     console.print(f"{len(moved)} failed series back to processing; {n} outbox object(s) due now")
-
-
-def register(app: typer.Typer, epilog: Callable[..., str]) -> None:
-    """Add the three node commands to the CLI."""
-    app.command(
-        "listen",
-        epilog=epilog(
-            "m3d-edge listen ./bundle --config node.toml",
-            "python -m pynetdicom storescu 127.0.0.1 11112 ./ct_folder -r -aet PACS -aec M3D_EDGE",
-        ),
-    )(handle_errors(listen))
-    app.command("listen-status", epilog=epilog("m3d-edge listen-status --config node.toml --json"))(
-        handle_errors(listen_status)
-    )
-    app.command("listen-retry", epilog=epilog("m3d-edge listen-retry --config node.toml"))(
-        handle_errors(listen_retry)
-    )
