@@ -278,7 +278,7 @@ def evaluate_variant(
             "decode/prefill: interleaved FP32 and quantized runs (report prompt, 16 new tokens, fresh KV cache);"
             " suite_*: medians over every step of the accuracy suite (FP32 measured earlier, less comparable)"
         )
-    speed["providers"] = pipe.sessions[graph].session.get_providers()
+    speed["providers"] = [pipe.sessions[graph].provider]
     return metrics, speed
 
 

@@ -36,6 +36,7 @@ OPT_LEVELS = {
 }
 
 
+KEEP_ARENA_GRAPHS = frozenset({"decoder"})  # run per token; the others release their arena after each run
 ORT_TRT_CACHE = "engines/ort-trt"  # default TensorRT EP engine/timing cache folder, inside the bundle
 
 
@@ -77,6 +78,18 @@ class BackendOptions:
         if self.workspace_gb:
             opts["trt_max_workspace_size"] = int(self.workspace_gb * (1 << 30))
         return opts
+
+    def run_options(self, name: str) -> ort.RunOptions:
+        """Run options of graph ``name``. Only the decoder, run once per token, keeps its memory arena
+        grown between runs; the others shrink it at the end of each run. An encoder runs once per study,
+        and its arena would keep the run's peak activations (0.9 GB for the ViT-B vision encoder on one
+        volume) for the life of the process. Shrinking keeps the arena's speed within the run, where
+        turning the arena off costs the first run 70% more time (benchmarks/results/full_size.md)."""
+        ro = ort.RunOptions()
+        if name not in KEEP_ARENA_GRAPHS:
+            device = "cpu:0" if self.provider == "cpu" else f"cpu:0;gpu:{self.device_id}"
+            ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", device)
+        return ro
 
     def providers(self, cache_dir: Path | None = None) -> list[tuple[str, dict[str, object]]]:
         """(provider, options) in priority order, as ``InferenceSession(providers=...)`` takes them.
@@ -149,12 +162,13 @@ class GraphSession:
         self.spec = spec
         self.provider: str = running[0]
         self.binding = self.session.io_binding()
+        self.run_options = options.run_options(spec.name)
         self.seconds = 0.0  # time spent inside onnxruntime
 
     def run(self, inputs: dict[str, Array]) -> dict[str, Array]:
         t0 = time.perf_counter()
         try:
-            out: list[Array] = self.session.run(None, inputs)
+            out: list[Array] = self.session.run(None, inputs, self.run_options)
         except Exception as e:
             raise BackendError(f"{self.spec.name}: onnxruntime failed ({e})") from e
         self.seconds += time.perf_counter() - t0
@@ -169,7 +183,7 @@ class GraphSession:
             b.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         t0 = time.perf_counter()
         try:
-            self.session.run_with_iobinding(b)
+            self.session.run_with_iobinding(b, self.run_options)
         except Exception as e:
             raise BackendError(f"{self.spec.name}: onnxruntime failed ({e})") from e
         self.seconds += time.perf_counter() - t0
@@ -182,19 +196,54 @@ class GraphSession:
             return None
 
 
+class OnDemandSession:
+    """A :class:`GraphSession` created on its first run, for graphs that some tasks never use (the SegVol
+    graphs: 0.5 GB at full size, for segmentation only). ``provider`` is the one asked for, which is what
+    the session runs once opened (:class:`GraphSession` refuses any other)."""
+
+    def __init__(self, path: Path, spec: GraphSpec, options: BackendOptions) -> None:
+        if options.provider not in PROVIDERS:
+            raise BackendError(f"unknown provider {options.provider!r} (choose from {', '.join(PROVIDERS)})")
+        self._args = (path, spec, options)
+        self._session: GraphSession | None = None
+        self.spec = spec
+        self.provider: str = PROVIDERS[options.provider]
+
+    @property
+    def opened(self) -> GraphSession:
+        if self._session is None:
+            self._session = GraphSession(*self._args)
+        return self._session
+
+    @property
+    def seconds(self) -> float:
+        return self._session.seconds if self._session is not None else 0.0
+
+    def run(self, inputs: dict[str, Array]) -> dict[str, Array]:
+        return self.opened.run(inputs)
+
+    def end_profiling(self) -> str | None:
+        return self._session.end_profiling() if self._session is not None else None
+
+
 @dataclass
 class OpenedGraphs:
     """A bundle's graphs opened as ONNX Runtime sessions, and the precision each one runs."""
 
-    sessions: dict[str, GraphSession]
+    sessions: dict[str, GraphSession | OnDemandSession]
     precisions: dict[str, str]
     fallbacks: dict[str, str]  # graph -> what runs instead of the one precision asked for all
 
 
 def open_graph_sessions(
-    bundle: Path, manifest: Manifest, options: BackendOptions, precision: str | dict[str, str] | None
+    bundle: Path,
+    manifest: Manifest,
+    options: BackendOptions,
+    precision: str | dict[str, str] | None,
+    on_demand: frozenset[str] = frozenset(),
 ) -> OpenedGraphs:
-    """One :class:`GraphSession` per graph of the manifest, at the precision asked for or its default.
+    """One :class:`GraphSession` per graph of the manifest, at the precision asked for or its default;
+    the graphs named in ``on_demand`` open on their first run (:class:`OnDemandSession`).
 
     ``precision``: one name applies to every graph that has that variant (the others keep their default,
     recorded in ``fallbacks``); a dict names it per graph (and must exist there: ``resolve`` refuses).
@@ -209,5 +258,6 @@ def open_graph_sessions(
         file, opened.precisions[name] = entry.resolve(want)
         if isinstance(precision, str) and want is None:
             opened.fallbacks[name] = f"{opened.precisions[name]} (no {precision} variant)"
-        opened.sessions[name] = GraphSession(bundle / file, spec, options)
+        kind = OnDemandSession if name in on_demand else GraphSession
+        opened.sessions[name] = kind(bundle / file, spec, options)
     return opened

@@ -99,6 +99,10 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise BundleError(f"{path}: not a valid tokenizer.json ({type(e).__name__})") from None
 
 
+ON_DEMAND_GRAPHS = frozenset({"seg_encoder", "seg_decoder"})
+"""Graphs opened on first use: only segmentation runs them, and at full size they hold 0.5 GB."""
+
+
 class Pipeline:
     """The torch-free M3D-LaMed runtime over one bundle."""
 
@@ -144,7 +148,9 @@ class Pipeline:
                     f"{self.bundle}: no graph has a {precision} variant (this bundle has "
                     f"{', '.join(sorted(have))}); `m3d-edge calibrate BUNDLE --data DIR` writes INT8/INT4 variants"
                 )
-        opened = open_graph_sessions(self.bundle, self.manifest, self.options, precision)
+        opened = open_graph_sessions(
+            self.bundle, self.manifest, self.options, precision, on_demand=ON_DEMAND_GRAPHS
+        )
         self.sessions: dict[str, Graph] = dict(opened.sessions)
         self.precisions, self.precision_fallbacks = opened.precisions, opened.fallbacks
         # the cache type is the backend's own (KVCache here, TrtKVCache there): the pipeline only hands

@@ -25,8 +25,8 @@ from tokenizers import Tokenizer
 
 from m3d_edge.bundle import ClipDims, Manifest, read_manifest
 from m3d_edge.errors import BundleError, PromptError, StudyError
-from m3d_edge.runtime.backend import BackendOptions, GraphSession, open_graph_sessions
-from m3d_edge.runtime.protocols import Array
+from m3d_edge.runtime.backend import BackendOptions, open_graph_sessions
+from m3d_edge.runtime.protocols import Array, Session
 
 if TYPE_CHECKING:
     from m3d_edge.runtime.imaging.study import Study
@@ -85,7 +85,7 @@ class Retriever:
         self.bundle, self.manifest, self.options = bundle, manifest, options or BackendOptions()
         self.dims: ClipDims = manifest.dims
         opened = open_graph_sessions(bundle, manifest, self.options, precision)
-        self.sessions: dict[str, GraphSession] = opened.sessions
+        self.sessions: dict[str, Session] = dict(opened.sessions)
         self.precisions: dict[str, str] = opened.precisions
         self.tokenizer = Tokenizer.from_file(str(bundle / manifest.tokenizer["file"]))
         self.max_length = int(max_length or manifest.prompt.get("max_length", self.dims.max_text_len))
