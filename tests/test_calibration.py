@@ -100,7 +100,7 @@ def test_tampered_report_fails_verification(calibrated, tmp_path):
     bundle = shutil.copytree(calibrated[0], tmp_path / "b")
     path = bundle / "calibration" / "decoder.int8.json"
     path.write_text(path.read_text().replace('"passed": true', '"passed": false'))
-    with pytest.raises(BundleError, match="decoder.int8.json is corrupted"):
+    with pytest.raises(BundleError, match=r"decoder\.int8\.json is corrupted"):
         read_manifest(bundle, verify=True)
 
 
@@ -314,3 +314,20 @@ def test_default_gates_pass_on_a_trained_tiny_model(tmp_path):
         answer.box == (0.125, 0.25, 0.188, 0.875, 0.75, 0.562)
         and answer.provenance["precision"]["decoder"] == "int8"
     )
+
+
+def test_reduce_range_only_where_int8_saturates(tmp_path):
+    """7-bit weights on x86 AVX2 without VNNI (VPMADDUBSW saturates), 8-bit everywhere else."""
+    from m3d_edge.calibration.quantize import u8s8_saturates
+
+    cases = {
+        "flags\t: fpu sse2 avx avx2 fma": True,  # AVX2-only (e.g. AMD EPYC Zen 3)
+        "flags\t: fpu avx2 avx512f avx512_vnni": False,
+        "flags\t: fpu avx2 avx_vnni": False,
+        "Features\t: fp asimd asimddp": False,  # ARM
+    }
+    for text, expected in cases.items():
+        f = tmp_path / "cpuinfo"
+        f.write_text(f"processor\t: 0\n{text}\n")
+        assert u8s8_saturates(f) is expected, text
+    assert u8s8_saturates(tmp_path / "missing") is False

@@ -134,7 +134,8 @@ class Listener:
             "--config",
             str(self.config),
         ]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
+        with open(self.log, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
         wait_for(lambda: self.proc.poll() is not None or echo(self.port), 60, "the listener to answer C-ECHO")
         assert self.proc.poll() is None, self.log.read_text()
         return self
@@ -213,7 +214,7 @@ def run_answers(bundle, tmp_path_factory):
         cmd = [sys.executable, "-m", "m3d_edge.cli.app", "run", str(bundle), str(folder), "--task", name]
         cmd += ["--target", arg[0], "--force-seg"] if arg else []
         out = subprocess.run(
-            cmd + ["-n", str(N_NEW), "--json"], env=env, capture_output=True, text=True, timeout=120
+            [*cmd, "-n", str(N_NEW), "--json"], env=env, capture_output=True, text=True, timeout=120
         )
         assert out.returncode == 0, out.stderr
         answers[task] = json.loads(out.stdout)["text"]
@@ -278,7 +279,7 @@ def test_happy_path_seg_and_sr_come_back(node, tmp_path, run_answers):
 
 
 def test_refused_caller_and_echo(node):
-    listener, dest, config = node
+    listener, _dest, _config = node
     assert echo(listener.port)
     assert send(listener.port, [], ae_title="INTRUDER") == [-1]
     assert not echo(listener.port, ae_title="INTRUDER")
@@ -317,7 +318,7 @@ def test_corrupt_instance_is_logged_and_the_rest_processed(node, tmp_path):
     assert f"corrupt instance {bad.SOPInstanceUID}" in listener.text()
     assert list((state(config) / "corrupt").glob(f"*{bad.SOPInstanceUID}*.dcm"))
     new = dest.received[before:]
-    seg = pydicom.dcmread([p for c, _, p in new if c == SEG_CLASS][0])
+    seg = pydicom.dcmread(next(p for c, _, p in new if c == SEG_CLASS))
     refs = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert bad.SOPInstanceUID not in refs
 
@@ -438,7 +439,7 @@ def test_busy_port_and_bad_config_are_one_line_errors(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         cfg = load_config(write_config(tmp_path, busy.getsockname()[1], free_port()))
-        with pytest.raises(PromptError, match="cannot listen on 127.0.0.1:"):
+        with pytest.raises(PromptError, match=r"cannot listen on 127\.0\.0\.1:"):
             DicomNode(cfg, pipe=None).start_server()
     bad = tmp_path / "bad.toml"
     bad.write_text('[node]\nstate_dir = "s"\n[[rules]]\ntasks = ["segment"]\n')

@@ -206,7 +206,7 @@ def test_lung_gap_refused_then_resampled(tmp_path):
 
 def test_lung_duplicate_refused(tmp_path):
     hu, spacing, origin, _ = lung_volume()
-    idx = list(range(hu.shape[0])) + [4]
+    idx = [*range(hu.shape[0]), 4]
     pos = [origin + np.array([0.0, 0.0, spacing[0] * k]) for k in idx]
     write_ct_series(tmp_path, hu[idx], spacing, origin, positions=pos, series_number=4)
     with pytest.raises(StudyError) as ei:
@@ -249,7 +249,7 @@ def test_non_image_objects_ignored(tmp_path):
     """A SEG written next to the CT series is listed but never chosen."""
     from m3d_edge.runtime.imaging import write_dicom_seg
 
-    hu, spacing, origin, label = lung_volume()
+    hu, spacing, origin, _label = lung_volume()
     write_ct_series(tmp_path / "ct", hu, spacing, origin, series_number=2)
     study = load_study(tmp_path)
     mask = np.zeros(hu.shape, np.uint8)

@@ -65,7 +65,7 @@ def test_preprocess_equals_m3d_torch_pipeline():
 
 
 def test_windows_and_record_json():
-    hu, spacing, origin, _ = lung_volume()
+    hu, _spacing, _origin, _ = lung_volume()
     for name, (lo, hi) in WINDOWS.items():
         x, rec = preprocess(hu.astype(np.float32), window=name)
         assert x.min() >= 0.0 and x.max() <= 1.0 + 1e-6

@@ -23,7 +23,7 @@ def test_precision_without_variants_is_refused(tiny_bundles, tmp_path):
     from m3d_edge.runtime.pipeline import Pipeline
 
     bundle = tiny_bundles["phi3"]
-    with pytest.raises(BundleError, match="no graph has a int8 variant .*m3d-edge calibrate"):
+    with pytest.raises(BundleError, match=r"no graph has a int8 variant .*m3d-edge calibrate"):
         Pipeline.open(bundle, precision="int8")
     npy = tmp_path / "case.npy"
     np.save(npy, __import__("conftest").ct_like_volume(4))

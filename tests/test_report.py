@@ -48,7 +48,7 @@ def lps_affine(flip_x: bool = False, flip_y: bool = False) -> np.ndarray:
 
 
 def phantom() -> np.ndarray:
-    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+    _z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
     hu = np.full(SHAPE, -1000.0, np.float32)
     hu[(x / 0.85) ** 2 + (y / 0.7) ** 2 < 1] = 40.0
     hu[((x - 0.3) / 0.2) ** 2 + (y / 0.2) ** 2 < 1] = 300.0

@@ -110,7 +110,7 @@ def test_checkpoint_read_without_hub_bert_sizes_from_tensors(clip_ckpt, torch_cl
     }
     assert "vision_encoder.cls_token" in state and "language_encoder.pooler.dense.weight" in state
     state.pop("language_encoder.encoder.layer.1.output.dense.weight")
-    with pytest.raises(ExportError, match="layer.1.output.dense.weight"):
+    with pytest.raises(ExportError, match=r"layer\.1\.output\.dense\.weight"):
         from m3d_edge.export.checkpoint import check_keys
 
         check_keys(torch_clip.state_dict().keys(), state.keys(), clip_ckpt)
@@ -169,7 +169,7 @@ def test_tokenizer_matches_transformers_bert(clip_ckpt, retriever, tmp_path):
     for t in [*TEXTS, "Café 肺 RÉSUMÉ xyzzy!"]:
         assert retriever.tokenizer.encode(t).ids == slow(t)["input_ids"], t
     long = " ".join(["liver"] * 300)
-    ids, mask = retriever.tokenize([long])
+    ids, _mask = retriever.tokenize([long])
     assert ids.shape == (1, 128) and ids[0, 0] == slow.cls_token_id and ids[0, -1] == slow.sep_token_id
     # a checkpoint with only tokenizer.json (no vocab.txt) converts to the same tokenizer
     only = tmp_path / "fast"
@@ -178,7 +178,7 @@ def test_tokenizer_matches_transformers_bert(clip_ckpt, retriever, tmp_path):
     write_wordpiece_tokenizer(only, tmp_path / "out.json")
     again = Tokenizer.from_file(str(tmp_path / "out.json"))
     assert [again.encode(t).ids for t in TEXTS] == [retriever.tokenizer.encode(t).ids for t in TEXTS]
-    with pytest.raises(ExportError, match="no vocab.txt or tokenizer.json"):
+    with pytest.raises(ExportError, match=r"no vocab\.txt or tokenizer\.json"):
         write_wordpiece_tokenizer(tmp_path, tmp_path / "none.json")
 
 

@@ -150,7 +150,7 @@ def test_run_format_sr(tiny_bundles, tmp_path):
     phantom = write_phantom_series(tmp_path / "ph", slices=12, rows=48, cols=48)
     out = tmp_path / "out"
     args = ["run", str(tiny_bundles["phi3"]), str(phantom), "--task", "report", "-n", "6"]
-    r = CliRunner().invoke(app, args + ["--out", str(out), "--format", "json,sr"])
+    r = CliRunner().invoke(app, [*args, "--out", str(out), "--format", "json,sr"])
     assert r.exit_code == 0, r.output
     d = json.loads((out / "result.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == ["result.json", "result_sr.dcm"]
@@ -158,7 +158,7 @@ def test_run_format_sr(tiny_bundles, tmp_path):
     c = read_dicom_sr(out / "result_sr.dcm")
     assert c.text == d["text"] and c.question == d["question"]
     assert c.source_series_instance_uid == d["study"]["series_instance_uid"]
-    bad = CliRunner().invoke(app, args + ["--out", str(out), "--format", "json,pdf"])
+    bad = CliRunner().invoke(app, [*args, "--out", str(out), "--format", "json,pdf"])
     assert bad.exit_code == 2 and "choose from json, nifti, seg, sr" in bad.output
 
 
@@ -170,7 +170,7 @@ def test_batch_format_sr(tiny_bundles, tmp_path):
     write_phantom_series(tmp_path / "root" / "case1", slices=8, rows=32, cols=32)
     out = tmp_path / "out"
     args = ["batch", str(tiny_bundles["phi3"]), str(tmp_path / "root"), "--task", "report", "-n", "4"]
-    r = CliRunner().invoke(app, args + ["--out", str(out), "--format", "json,sr"])
+    r = CliRunner().invoke(app, [*args, "--out", str(out), "--format", "json,sr"])
     assert r.exit_code == 0, r.output
     d = json.loads((out / "case1" / "result.json").read_text())
     c = read_dicom_sr(out / "case1" / "result_sr.dcm")

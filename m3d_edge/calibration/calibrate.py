@@ -28,8 +28,8 @@ from typing import Any
 import onnxruntime as ort
 
 from m3d_edge import __version__
-from m3d_edge.bundle import read_manifest, sha256_file, write_manifest
-from m3d_edge.calibration.data import load_calibration_data
+from m3d_edge.bundle import Manifest, read_manifest, sha256_file, write_manifest
+from m3d_edge.calibration.data import CalibrationData, load_calibration_data
 from m3d_edge.calibration.quantize import (
     file_bytes,
     io_names,
@@ -176,13 +176,7 @@ def calibrate_bundle(
     t_start = time.perf_counter()
     bundle = Path(bundle)
     gates = gates or Gates()
-    if method not in CALIBRATION_METHODS:
-        raise CalibrationError(
-            f"unknown calibration method {method!r} (choose from {', '.join(CALIBRATION_METHODS)})"
-        )
-    bad = [b for b in weight_bits if b not in (4, 8)]
-    if bad:
-        raise CalibrationError(f"decoder weight bits must be 4 or 8 (got {bad})")
+    _check_settings(method, weight_bits)
     manifest = read_manifest(bundle, verify=True)
     if manifest.kind == "retrieval":  # M3D-CLIP: INT8 image encoder, gated on embedding cosine
         from m3d_edge.calibration.retrieval import calibrate_retrieval
@@ -190,6 +184,76 @@ def calibrate_bundle(
         kw = {"method": method, "samples": samples, "held_out": held_out, "force": force, "gates": gates}
         kw.update(progress=progress, allow_augment=allow_augment, threads=threads, speed_runs=speed_runs)
         return calibrate_retrieval(bundle, data_dir, **kw)
+    graphs = _graphs_to_calibrate(bundle, manifest, graphs)
+
+    def tick(stage: str, done: int, total: int) -> None:
+        if progress:
+            progress(stage, done, total)
+
+    data = load_calibration_data(data_dir, samples, held_out, allow_augment=allow_augment, progress=tick)
+    (bundle / CALIBRATION_DIR).mkdir(exist_ok=True)
+    jobs = [
+        (g, prec)
+        for g in graphs
+        for prec in (_weight_precisions(weight_bits) if g == "decoder" else ["int8"])
+    ]
+    _unlist(bundle, manifest, jobs)
+    produced = _quantize_all(bundle, manifest, jobs, data, method, block_size, tick)
+
+    # evaluate every candidate against the FP32 reference (the manifest lists them only in memory)
+    for (g, prec), p in produced.items():
+        manifest.graphs[g].variants[prec] = {"file": _rel(p.files[0], bundle)}
+    from m3d_edge.calibration.evaluate import Reference, evaluate_variant
+
+    options = BackendOptions(threads=threads)
+    tick("evaluate fp32 reference", 0, len(jobs) + 1)
+    ref = Reference(bundle, manifest, data.held_out, options)
+    report = CalibrationReport(bundle=bundle, method=method, data=data.summary(), gates=gates)
+    for k, (g, prec) in enumerate(jobs):
+        tick(f"evaluate {g}.{prec}", k + 1, len(jobs) + 1)
+        metrics, speed = evaluate_variant(bundle, manifest, g, prec, ref, options, speed_runs=speed_runs)
+        vr = _variant_report(bundle, manifest, produced[(g, prec)], metrics, speed, gates, force)
+        _write_report(bundle, manifest, vr, produced[(g, prec)], report.data, method, gates)
+        _record(bundle, manifest, vr, produced[(g, prec)])
+        report.variants.append(vr)
+    tick("evaluate", len(jobs) + 1, len(jobs) + 1)
+    _set_defaults(manifest, report)
+    write_manifest(bundle, manifest)
+    try:
+        read_manifest(bundle, verify=True)
+    except BundleError as e:  # should never happen: we hashed what we wrote
+        raise CalibrationError(f"{bundle}: manifest does not verify after calibration ({e})") from e
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+@dataclass
+class _Produced:
+    """A quantized candidate on disk: its files (graph first), quantizer settings and calibration cache."""
+
+    graph: str
+    precision: str
+    files: list[Path]
+    settings: dict[str, Any]
+    cache: Path | None
+
+
+def _weight_precisions(weight_bits: tuple[int, ...]) -> list[str]:
+    return [f"int{b}" for b in weight_bits]
+
+
+def _check_settings(method: str, weight_bits: tuple[int, ...]) -> None:
+    if method not in CALIBRATION_METHODS:
+        raise CalibrationError(
+            f"unknown calibration method {method!r} (choose from {', '.join(CALIBRATION_METHODS)})"
+        )
+    bad = [b for b in weight_bits if b not in (4, 8)]
+    if bad:
+        raise CalibrationError(f"decoder weight bits must be 4 or 8 (got {bad})")
+
+
+def _graphs_to_calibrate(bundle: Path, manifest: Manifest, graphs: tuple[str, ...]) -> tuple[str, ...]:
+    """``graphs`` less a decoder quantized at export; refuses unknown graphs and the mask decoder."""
     if "decoder" in graphs and manifest.graphs["decoder"].precision != "fp32":
         # quantized at export (m3d-edge export --precision int4|int8): there is no FP32 decoder to quantize
         # or to measure against; the encoders are still calibrated
@@ -208,25 +272,12 @@ def calibrate_bundle(
         raise CalibrationError(
             f"{bundle}: no graph named {', '.join(unknown)} (has {', '.join(manifest.graphs)})"
         )
+    return graphs
 
-    def tick(stage: str, done: int, total: int) -> None:
-        if progress:
-            progress(stage, done, total)
 
-    data = load_calibration_data(data_dir, samples, held_out, allow_augment=allow_augment, progress=tick)
-    options = BackendOptions(threads=threads)
-    cal_dir = bundle / CALIBRATION_DIR
-    cal_dir.mkdir(exist_ok=True)
-
-    jobs: list[tuple[str, str]] = []
-    for g in graphs:
-        if g == "decoder":
-            jobs += [("decoder", f"int{b}") for b in weight_bits]
-        else:
-            jobs.append((g, "int8"))
-
-    # unlist earlier variants of the graphs we redo before their files are replaced, so the bundle on disk
-    # stays consistent (FP32 for those graphs) if calibration stops half way
+def _unlist(bundle: Path, manifest: Manifest, jobs: list[tuple[str, str]]) -> None:
+    """Unlist earlier variants of the graphs we redo before their files are replaced, so the bundle on disk
+    stays consistent (FP32 for those graphs) if calibration stops half way."""
     dropped = False
     for g, prec in jobs:
         old = manifest.graphs[g].variants.pop(prec, None)
@@ -236,125 +287,139 @@ def calibrate_bundle(
     if dropped:
         write_manifest(bundle, manifest)
 
-    # 1. quantize
-    produced: dict[tuple[str, str], dict[str, Any]] = {}
+
+def _quantize_all(
+    bundle: Path,
+    manifest: Manifest,
+    jobs: list[tuple[str, str]],
+    data: CalibrationData,
+    method: str,
+    block_size: int,
+    tick: Progress,
+) -> dict[tuple[str, str], _Produced]:
+    produced = {}
     for k, (g, prec) in enumerate(jobs):
         tick(f"quantize {g}.{prec}", k, len(jobs))
-        entry = manifest.graphs[g]
-        src = bundle / entry.file
-        dst = bundle / f"{g}.{prec}.onnx"
-        cache = None
-        try:
-            with _quiet():
-                if g == "decoder":
-                    settings = quantize_decoder(src, dst, bits=int(prec[3:]), block_size=block_size)
-                else:
-                    cache = cal_dir / f"{g}.{prec}.cache.json"
-                    settings = quantize_encoder(
-                        src, dst, data.calibration, method=method, input_name="image", cache_path=cache
-                    )
-        except M3DEdgeError:
-            raise
-        except Exception as e:  # the quantizers raise assorted types
-            raise CalibrationError(f"{src}: quantizing to {prec} failed ({type(e).__name__}: {e})") from e
-        if io_names(dst) != io_names(src):
-            dst.unlink(missing_ok=True)
-            raise CalibrationError(f"{dst}: the quantized graph's inputs/outputs differ from {src.name}")
-        files = [dst] + (
-            [dst.with_name(dst.name + ".data")] if dst.with_name(dst.name + ".data").exists() else []
-        )
-        produced[(g, prec)] = {"files": files, "settings": settings, "cache": cache}
+        produced[(g, prec)] = _quantize(bundle, manifest, g, prec, data, method, block_size)
     tick("quantize", len(jobs), len(jobs))
+    return produced
 
-    # 2. evaluate every candidate against the FP32 reference (the manifest lists them only in memory)
-    for (g, prec), p in produced.items():
-        manifest.graphs[g].variants[prec] = {"file": _rel(p["files"][0], bundle)}
-    from m3d_edge.calibration.evaluate import Reference, evaluate_variant
 
-    tick("evaluate fp32 reference", 0, len(jobs) + 1)
-    ref = Reference(bundle, manifest, data.held_out, options)
-    report = CalibrationReport(bundle=bundle, method=method, data=data.summary(), gates=gates)
-    for k, (g, prec) in enumerate(jobs):
-        tick(f"evaluate {g}.{prec}", k + 1, len(jobs) + 1)
-        metrics, speed = evaluate_variant(bundle, manifest, g, prec, ref, options, speed_runs=speed_runs)
-        p = produced[(g, prec)]
-        checks = _checks(g, metrics, gates)
-        passed = all(c["passed"] for c in checks.values())
-        keep = passed or force
-        entry = manifest.graphs[g]
-        fp32_bytes = file_bytes([bundle / f for f in entry.sha256])
-        q_bytes = file_bytes(p["files"])
-        rel_report = f"{CALIBRATION_DIR}/{g}.{prec}.json"
-        doc = {
-            "graph": g,
-            "precision": prec,
-            "file": _rel(p["files"][0], bundle) if keep else None,
-            "passed": passed,
-            "forced": force and not passed,
-            "gate": {"checks": checks, **asdict(gates)},
-            "metrics": metrics,
-            "speed": speed,
-            "bytes": q_bytes,
-            "bytes_fp32": fp32_bytes,
-            "size_ratio": q_bytes / fp32_bytes if fp32_bytes else None,
-            "quantization": p["settings"],
-            "calibration": {**data.summary(), "method": method},
-            "producer": f"m3d-edge {__version__}",
-            "onnxruntime": ort.__version__,
-            "bundle_id": manifest.bundle_id,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        atomic_write_text(
-            bundle / rel_report, json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n"
-        )
-        vr = VariantReport(
-            graph=g,
-            precision=prec,
-            passed=passed,
-            forced=force and not passed,
-            kept=keep,
-            default=False,
-            report=rel_report,
-            checks=checks,
-            metrics=metrics,
-            speed=speed,
-            bytes=q_bytes,
-            bytes_fp32=fp32_bytes,
-            file=_rel(p["files"][0], bundle) if keep else None,
-        )
-        report.variants.append(vr)
-        if keep:
-            hashed = [*p["files"], bundle / rel_report] + ([p["cache"]] if p["cache"] else [])
-            variant = {
-                "file": _rel(p["files"][0], bundle),
-                "sha256": {_rel(f, bundle): sha256_file(f) for f in hashed},
-                "report": rel_report,
-                "gate": {k2: {"value": c["value"], "min": c["min"]} for k2, c in checks.items()},
-                "passed": passed,
-                "bytes": q_bytes,
-            }
-            if force and not passed:
-                variant["forced"] = True
-            entry.variants[prec] = variant
-        else:
-            entry.variants.pop(prec, None)
-            for f in p["files"]:
-                f.unlink(missing_ok=True)
-            if p["cache"]:
-                p["cache"].unlink(missing_ok=True)
-            log.warning("%s.%s failed its gate and was removed: %s", g, prec, checks)
-    tick("evaluate", len(jobs) + 1, len(jobs) + 1)
+def _quantize(
+    bundle: Path, manifest: Manifest, g: str, prec: str, data: CalibrationData, method: str, block_size: int
+) -> _Produced:
+    src = bundle / manifest.graphs[g].file
+    dst = bundle / f"{g}.{prec}.onnx"
+    cache = None
+    try:
+        with _quiet():
+            if g == "decoder":
+                settings = quantize_decoder(src, dst, bits=int(prec[3:]), block_size=block_size)
+            else:
+                cache = bundle / CALIBRATION_DIR / f"{g}.{prec}.cache.json"
+                settings = quantize_encoder(
+                    src, dst, data.calibration, method=method, input_name="image", cache_path=cache
+                )
+    except M3DEdgeError:
+        raise
+    except Exception as e:  # the quantizers raise assorted types
+        raise CalibrationError(f"{src}: quantizing to {prec} failed ({type(e).__name__}: {e})") from e
+    if io_names(dst) != io_names(src):
+        dst.unlink(missing_ok=True)
+        raise CalibrationError(f"{dst}: the quantized graph's inputs/outputs differ from {src.name}")
+    data_file = dst.with_name(dst.name + ".data")
+    files = [dst, data_file] if data_file.exists() else [dst]
+    return _Produced(g, prec, files, settings, cache)
 
-    # 3. defaults: encoders and decoder to int8 when it passed; int4 stays opt-in
+
+def _variant_report(
+    bundle: Path,
+    manifest: Manifest,
+    p: _Produced,
+    metrics: dict[str, Any],
+    speed: dict[str, Any],
+    gates: Gates,
+    force: bool,
+) -> VariantReport:
+    checks = _checks(p.graph, metrics, gates)
+    passed = all(c["passed"] for c in checks.values())
+    keep = passed or force
+    return VariantReport(
+        graph=p.graph,
+        precision=p.precision,
+        passed=passed,
+        forced=force and not passed,
+        kept=keep,
+        default=False,
+        report=f"{CALIBRATION_DIR}/{p.graph}.{p.precision}.json",
+        checks=checks,
+        metrics=metrics,
+        speed=speed,
+        bytes=file_bytes(p.files),
+        bytes_fp32=file_bytes([bundle / f for f in manifest.graphs[p.graph].sha256]),
+        file=_rel(p.files[0], bundle) if keep else None,
+    )
+
+
+def _write_report(
+    bundle: Path,
+    manifest: Manifest,
+    vr: VariantReport,
+    p: _Produced,
+    data: dict[str, Any],
+    method: str,
+    gates: Gates,
+) -> None:
+    """``calibration/<graph>.<precision>.json``: the variant's record, its gate, quantizer and provenance."""
+    doc = {
+        "graph": vr.graph,
+        "precision": vr.precision,
+        "file": vr.file,
+        "passed": vr.passed,
+        "forced": vr.forced,
+        "gate": {"checks": vr.checks, **asdict(gates)},
+        "metrics": vr.metrics,
+        "speed": vr.speed,
+        "bytes": vr.bytes,
+        "bytes_fp32": vr.bytes_fp32,
+        "size_ratio": vr.bytes / vr.bytes_fp32 if vr.bytes_fp32 else None,
+        "quantization": p.settings,
+        "calibration": {**data, "method": method},
+        "producer": f"m3d-edge {__version__}",
+        "onnxruntime": ort.__version__,
+        "bundle_id": manifest.bundle_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_text(bundle / vr.report, json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def _record(bundle: Path, manifest: Manifest, vr: VariantReport, p: _Produced) -> None:
+    """List a kept variant in the manifest with its hashes; delete a rejected one's files."""
+    entry = manifest.graphs[vr.graph]
+    if not vr.kept:
+        entry.variants.pop(vr.precision, None)
+        for f in [*p.files, *([p.cache] if p.cache else [])]:
+            f.unlink(missing_ok=True)
+        log.warning("%s.%s failed its gate and was removed: %s", vr.graph, vr.precision, vr.checks)
+        return
+    hashed = [*p.files, bundle / vr.report, *([p.cache] if p.cache else [])]
+    variant: dict[str, Any] = {
+        "file": vr.file,
+        "sha256": {_rel(f, bundle): sha256_file(f) for f in hashed},
+        "report": vr.report,
+        "gate": {k: {"value": c["value"], "min": c["min"]} for k, c in vr.checks.items()},
+        "passed": vr.passed,
+        "bytes": vr.bytes,
+    }
+    if vr.forced:
+        variant["forced"] = True
+    entry.variants[vr.precision] = variant
+
+
+def _set_defaults(manifest: Manifest, report: CalibrationReport) -> None:
+    """Encoders and decoder switch to int8 when it passed; int4 stays opt-in."""
     for vr in report.variants:
         if vr.precision == "int8" and vr.passed and vr.kept:
             manifest.graphs[vr.graph].default = "int8"
             vr.default = True
     report.defaults = {name: e.default for name, e in manifest.graphs.items()}
-    write_manifest(bundle, manifest)
-    try:
-        read_manifest(bundle, verify=True)
-    except BundleError as e:  # should never happen: we hashed what we wrote
-        raise CalibrationError(f"{bundle}: manifest does not verify after calibration ({e})") from e
-    report.seconds = time.perf_counter() - t_start
-    return report

@@ -149,10 +149,8 @@ def load_calibration_data(
             f"{data_dir}: {len(paths)} studies, but {samples} calibration + {held_out} held-out are needed "
             "(add studies, lower --samples/--held-out, or allow augmentation)"
         )
-    if len(paths) >= need:
-        n_held = held_out
-    else:
-        n_held = min(held_out, len(paths) // 2)  # keep at least as many real studies for calibration
+    # too few studies: keep at least as many real ones for calibration as are held out
+    n_held = held_out if len(paths) >= need else min(held_out, len(paths) // 2)
     cal_paths, held_paths = paths[: len(paths) - n_held], paths[len(paths) - n_held :]
     cal_paths = cal_paths[:samples]
     loaded: dict[Path, np.ndarray] = {}

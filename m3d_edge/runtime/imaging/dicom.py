@@ -132,7 +132,7 @@ def load_dicom(
     frames = layout.frames
     rows, cols = frames[0].rows, frames[0].cols
     if layout.irregular:
-        n_new = int(round((layout.positions[-1] - layout.positions[0]) / layout.spacing)) + 1
+        n_new = round((layout.positions[-1] - layout.positions[0]) / layout.spacing) + 1
         check_voxels((n_new, rows, cols), f"{info.name} (resampled)", max_voxels)
     vol = np.empty((len(frames), rows, cols), dtype=np.float32)
     cache: dict[Path, np.ndarray] = {}
@@ -154,7 +154,7 @@ def load_dicom(
     pos = layout.positions
     resampled = bool(layout.irregular)
     if resampled:
-        n_new = int(round((pos[-1] - pos[0]) / layout.spacing)) + 1
+        n_new = round((pos[-1] - pos[0]) / layout.spacing) + 1
         new_pos = np.linspace(pos[0], pos[-1], n_new)
         j = np.clip(np.searchsorted(pos, new_pos, side="right") - 1, 0, len(pos) - 2)
         w = ((new_pos - pos[j]) / (pos[j + 1] - pos[j])).astype(np.float32)[:, None, None]

@@ -193,86 +193,107 @@ def _scan(
     ``skipped`` receives ``(file relative to root, reason)`` for every file that looks like DICOM (a
     ``DICM`` preamble or a ``.dcm`` name) but cannot be read; other non-DICOM files are ignored.
     """
+    skip = skipped if skipped is not None else []
     groups: dict[tuple[str, str], SeriesInfo] = {}
     for f in _iter_files(root):
-        try:
-            ds = read_header(f, limit)
-        except StudyError:
-            raise  # over a size limit: refused, naming the file
-        except InvalidDicomError as exc:
-            if is_dicom_file(f) or f.suffix.lower() == ".dcm":
-                if skipped is not None:
-                    skipped.append((_rel(f, root), _first_line(exc)))
-            continue  # not DICOM: ignored
-        except Exception as exc:  # pydicom raises many types for damaged files
-            if skipped is not None:
-                skipped.append((_rel(f, root), _first_line(exc)))
+        ds = _header_or_skip(f, root, limit, skip)
+        if ds is None:
             continue
         meta_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
         sop_class = str(ds.get("SOPClassUID", "") or meta_class)
-        if sop_class == MEDIA_STORAGE_DIRECTORY or meta_class == MEDIA_STORAGE_DIRECTORY:
+        if MEDIA_STORAGE_DIRECTORY in (sop_class, meta_class):
             continue
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
         if not series_uid or not sop_class:
-            if skipped is not None and (is_dicom_file(f) or f.suffix.lower() == ".dcm"):
-                skipped.append((_rel(f, root), "damaged header: no SOPClassUID or SeriesInstanceUID"))
+            if _looks_like_dicom(f):
+                skip.append((_rel(f, root), "damaged header: no SOPClassUID or SeriesInstanceUID"))
             continue
         key = (str(ds.get("StudyInstanceUID", "") or ""), series_uid)
-        info = groups.get(key)
-        if info is None:
-            try:
-                num = int(ds.get("SeriesNumber")) if ds.get("SeriesNumber") not in (None, "") else None
-            except (TypeError, ValueError):
-                num = None
-            try:
-                class_name = pydicom.uid.UID(sop_class).name
-            except Exception:
-                class_name = sop_class
-            info = groups[key] = SeriesInfo(
-                study_instance_uid=key[0],
-                series_instance_uid=series_uid,
-                series_number=num,
-                description=str(ds.get("SeriesDescription", "") or ""),
-                modality=str(ds.get("Modality", "") or ""),
-                sop_class=class_name,
-                n_files=0,
-                n_slices=0,
-                n_localizers=0,
-                orientation=None,
-                eligible=False,
-            )
+        if key not in groups:
+            groups[key] = _new_series(ds, key, sop_class)
+        info = groups[key]
         info.n_files += 1
         info.files.append(f)
-        if sop_class not in CT_CLASSES:
-            continue
-        try:
-            frames, dropped = _frames_of(ds, f)
-        except Exception as exc:  # damaged or odd values in the header
-            if skipped is not None:
-                skipped.append((_rel(f, root), _first_line(exc)))
-            continue
-        info.frames.extend(frames)
-        info.n_localizers += dropped
-        if frames:
-            info.headers.setdefault(str(ds.get("SOPInstanceUID", "")), ds)
+        if sop_class in CT_CLASSES:
+            _add_frames(info, ds, f, root, skip)
     infos = sorted(
         groups.values(),
         key=lambda s: (s.study_instance_uid, s.series_number if s.series_number is not None else 1 << 30),
     )
     for s in infos:
-        s.n_slices = len(s.frames)
-        s.orientation = _orientation(s.frames[0].iop) if s.frames else None
-        if not s.frames and s.n_localizers:
-            s.reason = f"only LOCALIZER images ({s.n_localizers}): dropped"
-        elif not s.frames:
-            s.reason = f"not a CT image series ({s.sop_class}, {s.modality})"
-        else:
-            s.eligible = True
-            try:
-                s.irregular = _check_geometry(s.frames, s.name).irregular
-            except StudyError as exc:
-                s.problem = str(exc)
+        _judge(s)
     return infos
+
+
+def _looks_like_dicom(f: Path) -> bool:
+    return is_dicom_file(f) or f.suffix.lower() == ".dcm"
+
+
+def _header_or_skip(f: Path, root: Path, limit: int | None, skip: list[tuple[str, str]]) -> Any:
+    """The file's header, or None (an unreadable DICOM file is listed in ``skip``; others are ignored)."""
+    try:
+        return read_header(f, limit)
+    except StudyError:
+        raise  # over a size limit: refused, naming the file
+    except InvalidDicomError as exc:
+        if _looks_like_dicom(f):
+            skip.append((_rel(f, root), _first_line(exc)))
+        return None  # not DICOM: ignored
+    except Exception as exc:  # pydicom raises many types for damaged files
+        skip.append((_rel(f, root), _first_line(exc)))
+        return None
+
+
+def _new_series(ds: Any, key: tuple[str, str], sop_class: str) -> SeriesInfo:
+    try:
+        num = int(ds.get("SeriesNumber")) if ds.get("SeriesNumber") not in (None, "") else None
+    except (TypeError, ValueError):
+        num = None
+    try:
+        class_name = pydicom.uid.UID(sop_class).name
+    except Exception:
+        class_name = sop_class
+    return SeriesInfo(
+        study_instance_uid=key[0],
+        series_instance_uid=key[1],
+        series_number=num,
+        description=str(ds.get("SeriesDescription", "") or ""),
+        modality=str(ds.get("Modality", "") or ""),
+        sop_class=class_name,
+        n_files=0,
+        n_slices=0,
+        n_localizers=0,
+        orientation=None,
+        eligible=False,
+    )
+
+
+def _add_frames(info: SeriesInfo, ds: Any, f: Path, root: Path, skip: list[tuple[str, str]]) -> None:
+    try:
+        frames, dropped = _frames_of(ds, f)
+    except Exception as exc:  # damaged or odd values in the header
+        skip.append((_rel(f, root), _first_line(exc)))
+        return
+    info.frames.extend(frames)
+    info.n_localizers += dropped
+    if frames:
+        info.headers.setdefault(str(ds.get("SOPInstanceUID", "")), ds)
+
+
+def _judge(s: SeriesInfo) -> None:
+    """Slice count, orientation, and whether (or why not) the series can be used."""
+    s.n_slices = len(s.frames)
+    s.orientation = _orientation(s.frames[0].iop) if s.frames else None
+    if not s.frames and s.n_localizers:
+        s.reason = f"only LOCALIZER images ({s.n_localizers}): dropped"
+    elif not s.frames:
+        s.reason = f"not a CT image series ({s.sop_class}, {s.modality})"
+    else:
+        s.eligible = True
+        try:
+            s.irregular = _check_geometry(s.frames, s.name).irregular
+        except StudyError as exc:
+            s.problem = str(exc)
 
 
 def _select(infos: list[SeriesInfo], series: str | None, where: str) -> SeriesInfo:
@@ -408,7 +429,7 @@ def _check_geometry(frames: list[_Frame], name: str) -> _Layout:
         gaps = np.nonzero(steps > 1.5 * spacing)[0]
         if len(gaps):
             i = int(gaps[0])
-            n_missing = int(round(steps[i] / spacing)) - 1
+            n_missing = round(steps[i] / spacing) - 1
             more = f" (and {len(gaps) - 1} more gaps)" if len(gaps) > 1 else ""
             irregular = (
                 f"missing slices: a {steps[i]:.2f} mm gap between slice positions {pos[i]:.2f} and "

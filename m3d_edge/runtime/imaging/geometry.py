@@ -77,7 +77,7 @@ class Geometry:
     def zyx_to_lps(self, zyx: np.ndarray | list | tuple) -> np.ndarray:
         """Map voxel indices given in array order ``(..., 3)`` = (z, y, x) to LPS millimetres."""
         p = np.asarray(zyx, dtype=np.float64)
-        xyz1 = np.concatenate([p[..., ::-1], np.ones(p.shape[:-1] + (1,))], axis=-1)
+        xyz1 = np.concatenate([p[..., ::-1], np.ones((*p.shape[:-1], 1))], axis=-1)
         return (xyz1 @ self.affine.T)[..., :3]
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,7 +300,7 @@ def write_dicom_seg(
     multiframe = "NumberOfFrames" in study.source_datasets[0] and len(study.source_datasets) == 1
     if multiframe:
         # pixel_array must follow the frame order of the single multi-frame source image
-        frames = np.zeros((int(study.source_datasets[0].NumberOfFrames),) + m.shape[1:], np.uint8)
+        frames = np.zeros((int(study.source_datasets[0].NumberOfFrames), *m.shape[1:]), np.uint8)
         for z, fn in enumerate(study.source_frame_numbers):
             frames[int(fn) - 1] = m[z]
         pixel_array = frames

@@ -74,7 +74,7 @@ def _e(v: Any) -> str:
 
 def _range(lo: object, hi: object) -> str:
     """``lo`` to ``hi`` in monospace (the first and last voxel of a range)."""
-    return f'<span class="mono">{_e(lo)} – {_e(hi)}</span>'  # noqa: RUF001  the page shows an en dash, asserted by tests
+    return f'<span class="mono">{_e(lo)} – {_e(hi)}</span>'
 
 
 def _num(v: float, nd: int = 3) -> str:
