@@ -373,12 +373,13 @@ def _device_cache(cache: tb.TrtKVCache, layer: int, kv: int) -> np.ndarray:
 
 def _assert_same_cache(dev: tb.TrtKVCache, host: KVCache, num_layers: int, atol: float = 2e-4) -> None:
     # two different graphs (standard ops vs GroupQueryAttention) on tiny std-1.0 weights: float32
-    # accumulation order differs, up to ~8e-5 on keys of magnitude ~10; a position bug is of order 1
+    # accumulation order differs, up to ~8e-5 on keys of magnitude ~10 with AVX-512 kernels and 2.9e-4
+    # (2.7e-5 relative) with AVX2-only ones (AMD EPYC Zen 3); a position bug is of order 1
     assert dev.length == host.length and dev.ids == host.ids
     for i in range(num_layers):
         for kv in (0, 1):
             want = host.buffers[2 * i + kv][:, :, : host.length]
-            np.testing.assert_allclose(_device_cache(dev, i, kv), want, rtol=0, atol=atol)
+            np.testing.assert_allclose(_device_cache(dev, i, kv), want, rtol=1e-4, atol=atol)
 
 
 def test_trt_decoder_generates_the_same_tokens(phi3, fake_gpu, pipelines, volume):
