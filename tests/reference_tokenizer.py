@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from m3d_edge.errors import ExportError
-from m3d_edge.export.tokenizer import SPIECE_UNDERLINE, _read_json, _token_name
+from m3d_edge.export.side_files import read_json, token_name
+from m3d_edge.export.tokenizer import SPIECE_UNDERLINE
 
 
 def _model_pb2() -> Any:
@@ -56,19 +57,19 @@ def read_tokenizer_spec(ckpt_dir: Path) -> TokenizerSpec:
     if not model_path.is_file():
         raise ExportError(f"{model_path}: file not found")
     cfg_path = ckpt_dir / "tokenizer_config.json"
-    cfg = _read_json(cfg_path)
-    smap = _read_json(ckpt_dir / "special_tokens_map.json")
-    added_ids = _read_json(ckpt_dir / "added_tokens.json")
+    cfg = read_json(cfg_path)
+    smap = read_json(ckpt_dir / "special_tokens_map.json")
+    added_ids = read_json(ckpt_dir / "added_tokens.json")
     if not isinstance(cfg, dict) or not isinstance(smap, dict) or not isinstance(added_ids, dict):
         raise ExportError(f"{ckpt_dir}: tokenizer JSON files must hold objects")
 
     def special_name(key: str, required: bool = True) -> str | None:
-        name = _token_name(smap.get(key)) or _token_name(cfg.get(key))
+        name = token_name(smap.get(key)) or token_name(cfg.get(key))
         if name is None and required:
             raise ExportError(f"{ckpt_dir / 'special_tokens_map.json'}: missing {key}")
         return name
 
-    extra = {_token_name(t) for t in smap.get("additional_special_tokens", []) or []}
+    extra = {token_name(t) for t in smap.get("additional_special_tokens", []) or []}
     named = {special_name("bos_token"), special_name("eos_token"), special_name("unk_token")}
     named.add(special_name("pad_token", required=False))
     specs: dict[int, AddedTokenSpec] = {}

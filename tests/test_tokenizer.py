@@ -12,12 +12,13 @@ from sentencepiece import sentencepiece_model_pb2 as pb2
 from tokenizers import AddedToken, Tokenizer
 
 from m3d_edge.errors import ExportError
+from m3d_edge.export.side_files import read_token_ids
 from m3d_edge.export.tiny_tokenizer import (
     build_sentencepiece_model,
     write_sentencepiece_model,
     write_tokenizer_files,
 )
-from m3d_edge.export.tokenizer import convert_tokenizer, read_token_ids, write_tokenizer_json
+from m3d_edge.export.tokenizer import convert_tokenizer, write_tokenizer_json
 
 SHARED_LLAMA2 = Path(__file__).resolve().parents[2] / "shared/data/tokenizer-llama2"
 IMG = "<im_patch>" * 256

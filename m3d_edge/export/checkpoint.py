@@ -6,7 +6,6 @@ from safetensors (pickled ``.bin`` weights only with ``allow_pickle=True``, sinc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from m3d_edge.errors import ExportError
+from m3d_edge.export.side_files import read_json
 
 FAMILIES = {"lamed_phi3": "phi3", "lamed_llama": "llama"}
 VIT_B = {"hidden": 768, "mlp_dim": 3072, "layers": 12, "heads": 12}
@@ -81,20 +81,6 @@ class LamedConfig:
         cfg = cls(**kwargs)
         cfg._attn_implementation = "eager"
         return cfg
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ExportError(f"{path}: missing") from e
-    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ExportError(
-            f"{path}: unreadable JSON ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
-        ) from e
-    if not isinstance(data, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    return data
 
 
 def read_config(ckpt: Path) -> LamedConfig:

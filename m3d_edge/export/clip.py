@@ -36,7 +36,8 @@ from m3d_edge.export.bundle_writer import (
     preprocessing,
     refuse_existing,
 )
-from m3d_edge.export.checkpoint import check_keys, load_state_dict, read_json
+from m3d_edge.export.checkpoint import check_keys, load_state_dict
+from m3d_edge.export.side_files import read_json
 from m3d_edge.export.vit import ViT3D
 from m3d_edge.fileio import atomic_path
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from m3d_edge.bundle import ModelDims
 from m3d_edge.errors import ExportError
-from m3d_edge.export.checkpoint import INDEX, LamedConfig, read_json
+from m3d_edge.export.checkpoint import INDEX, LamedConfig
+from m3d_edge.export.side_files import read_json
 
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: without it ORT has no fast CPU kernel

@@ -43,8 +43,9 @@ from m3d_edge.export.bundle_writer import (
     preprocessing,
     refuse_existing,
 )
-from m3d_edge.export.checkpoint import read_generation_config, read_json
+from m3d_edge.export.checkpoint import read_generation_config
 from m3d_edge.export.graphs import GRAPH_MODULES, DecoderGraph, example_inputs, model_dims
+from m3d_edge.export.side_files import read_json
 from m3d_edge.fileio import atomic_path
 
 if TYPE_CHECKING:  # decoder_onnx is imported when a decoder is written
@@ -203,7 +204,7 @@ def _export_decoders(
 
 def _token_ids(ckpt: Path) -> dict[str, Any]:
     """The tokenizer's special ids, ``eos`` the sorted union of generation_config's and the tokenizer's."""
-    from m3d_edge.export.tokenizer import read_token_ids
+    from m3d_edge.export.side_files import read_token_ids
 
     token_ids = read_token_ids(ckpt)
     eos = read_generation_config(ckpt).get("eos_token_id", token_ids["eos"])

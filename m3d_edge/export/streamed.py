@@ -51,7 +51,8 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], ckpt: Path) 
 
 
 def checkpoint_names(ckpt: Path, allow_pickle: bool = False) -> list[str]:
-    from m3d_edge.export.checkpoint import INDEX, read_json
+    from m3d_edge.export.checkpoint import INDEX
+    from m3d_edge.export.side_files import read_json
 
     index = Path(ckpt) / INDEX
     if index.is_file():

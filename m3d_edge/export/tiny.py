@@ -232,8 +232,9 @@ def write_tiny_checkpoint(
         from transformers import PreTrainedTokenizerFast
 
         from m3d_edge.export.reference import ReferenceModel
+        from m3d_edge.export.side_files import read_token_ids
         from m3d_edge.export.teach import teach_answers
-        from m3d_edge.export.tokenizer import convert_tokenizer, read_token_ids
+        from m3d_edge.export.tokenizer import convert_tokenizer
 
         eos = read_token_ids(out)["eos"]
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=convert_tokenizer(out))  # the bundle's tokenizer

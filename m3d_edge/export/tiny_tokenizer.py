@@ -15,7 +15,7 @@ from typing import Any
 
 from m3d_edge.choices import FAMILIES
 from m3d_edge.errors import ExportError
-from m3d_edge.export.tokenizer import M3D_SPECIAL_TOKENS, SEG_TOKEN
+from m3d_edge.export.side_files import M3D_SPECIAL_TOKENS, SEG_TOKEN
 from m3d_edge.fileio import atomic_write_bytes
 
 VOCAB_SIZE = 32000

@@ -1,4 +1,4 @@
-"""The tokenizer of an M3D-LaMed checkpoint: its M3D token ids, and its ``tokenizer.json`` for the bundle.
+"""The ``tokenizer.json`` of an M3D-LaMed checkpoint for the bundle (its token ids: :mod:`.side_files`).
 
 The released checkpoints ship only the slow SentencePiece tokenizer (``tokenizer.model`` plus transformers
 4.x JSON side files). :func:`convert_tokenizer` takes from the fast tokenizer transformers' ``AutoTokenizer``
@@ -22,72 +22,16 @@ for ``legacy: false``: a text that starts with whitespace, or with a *non-specia
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, models, normalizers
 
 from m3d_edge.errors import ExportError
+from m3d_edge.export.side_files import read_proto
 from m3d_edge.fileio import atomic_write_bytes
 
 SPIECE_UNDERLINE = "▁"
-M3D_SPECIAL_TOKENS = ["<im_patch>", "<bx_start>", "<bx_end>"]
-SEG_TOKEN = "[SEG]"
-_M3D_KEYS = (*zip(("im_patch", "bx_start", "bx_end"), M3D_SPECIAL_TOKENS, strict=True), ("seg", SEG_TOKEN))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ExportError(f"{path}: file not found") from None
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{path}: cannot read JSON ({exc})") from None
-
-
-def _token_name(value: Any) -> str | None:
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
-
-
-def _read_proto(model_path: Path) -> Any:
-    from sentencepiece import sentencepiece_model_pb2
-
-    try:
-        return sentencepiece_model_pb2.ModelProto.FromString(model_path.read_bytes())
-    except OSError as exc:
-        raise ExportError(f"{model_path}: cannot read ({exc.strerror or exc})") from None
-    except Exception as exc:  # protobuf raises DecodeError
-        raise ExportError(f"{model_path}: not a SentencePiece model ({exc})") from None
-
-
-def read_token_ids(ckpt_dir: Path) -> dict[str, int]:
-    """Return the ids of ``im_patch, bx_start, bx_end, seg, bos, eos, pad, unk`` read from a checkpoint."""
-    ckpt_dir = Path(ckpt_dir)
-    added_path, smap_path = ckpt_dir / "added_tokens.json", ckpt_dir / "special_tokens_map.json"
-    added, smap = _read_json(added_path), _read_json(smap_path)
-    cfg_path = ckpt_dir / "tokenizer_config.json"
-    cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
-    vocab = {d.get("content"): int(k) for k, d in (cfg.get("added_tokens_decoder") or {}).items()}
-    vocab.update({k: int(v) for k, v in added.items()})
-    ids: dict[str, int] = {}
-    for key, content in _M3D_KEYS:
-        if content not in added:
-            raise ExportError(f"{added_path}: missing token {content}")
-        ids[key] = int(added[content])
-    for key in ("bos", "eos", "pad", "unk"):
-        name = _token_name(smap.get(f"{key}_token")) or _token_name(cfg.get(f"{key}_token"))
-        if name is None:
-            raise ExportError(f"{smap_path}: missing {key}_token")
-        if name not in vocab:  # a piece of tokenizer.model, not an added token
-            pieces = {p.piece: i for i, p in enumerate(_read_proto(ckpt_dir / "tokenizer.model").pieces)}
-            if name not in pieces:
-                raise ExportError(f"{ckpt_dir / 'tokenizer.model'}: missing token {name} ({key}_token)")
-            vocab[name] = pieces[name]
-        ids[key] = vocab[name]
-    return ids
 
 
 def _library_tokenizer(ckpt_dir: Path) -> Any:
@@ -104,7 +48,7 @@ def _library_tokenizer(ckpt_dir: Path) -> Any:
 
 def _bpe_model(model_path: Path) -> models.BPE:
     """All pieces, and the merges ordered by score as SentencePiece merges (the first fork above)."""
-    proto = _read_proto(model_path)
+    proto = read_proto(model_path)
     if proto.trainer_spec.model_type != proto.trainer_spec.BPE:
         raise ExportError(f"{model_path}: only SentencePiece BPE models are supported")
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
