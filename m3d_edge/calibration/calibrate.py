@@ -120,12 +120,14 @@ class CalibrationReport:
 
 
 def _checks(graph: str, metrics: dict[str, Any], gates: Gates) -> dict[str, dict[str, Any]]:
+    """The gate of each metric that applies to ``graph`` (M3D-CLIP's image_encoder: cosine only)."""
     rows = []
-    if graph in ("vision", "seg_encoder"):
+    if graph in ("vision", "seg_encoder", "image_encoder"):
         rows.append(("embedding_cosine", gates.min_cosine))
     if graph in ("vision", "decoder"):
         rows.append(("token_agreement", gates.min_token_agreement))
-    rows.append(("mask_dice", gates.min_dice))
+    if graph != "image_encoder":
+        rows.append(("mask_dice", gates.min_dice))
     out = {}
     for key, minimum in rows:
         value = metrics.get(key)
