@@ -48,7 +48,7 @@ def plain_folder(ckpt: Path, dst: Path) -> Path:
     tensors = {}
     for shard in sorted(ckpt.glob("*.safetensors")):
         with safe_open(str(shard), framework="pt") as f:
-            for name in f:
+            for name in f.keys():  # noqa: SIM118  (safe_open is not iterable)
                 if name.startswith(DECODER_PREFIXES):
                     tensors[name] = f.get_tensor(name)
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
