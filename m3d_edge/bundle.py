@@ -282,7 +282,10 @@ class Manifest:
 
     def tensorrt_specs(self) -> dict[str, GraphSpec]:
         """The graphs TensorRT builds: the encoders and the standard-op decoder (under the name "decoder")."""
-        return {**self.specs(), "decoder": decoder_spec(self.dims, standard=True)}
+        specs = self.specs()
+        if not isinstance(self.dims, ModelDims):
+            raise BundleError(f"bundle {self.bundle_id}: a {self.kind} bundle has no decoder for TensorRT")
+        return {**specs, "decoder": decoder_spec(self.dims, standard=True)}
 
     def tensorrt_entry(self, name: str) -> GraphEntry:
         """The manifest entry TensorRT builds graph ``name`` from; refuses a bundle without a standard decoder."""
@@ -333,6 +336,8 @@ def read_manifest(bundle_dir: Path | str, verify: bool = True) -> Manifest:
         manifest = Manifest.from_dict(raw)
         specs = dict(manifest.specs())
         if TENSORRT_DECODER in manifest.graphs:
+            if not isinstance(manifest.dims, ModelDims):
+                raise TypeError(f"a {manifest.kind} bundle has no decoder, yet lists {TENSORRT_DECODER!r}")
             specs[TENSORRT_DECODER] = decoder_spec(manifest.dims, standard=True)
     except (TypeError, KeyError, ValueError, AttributeError, ZeroDivisionError) as e:
         raise BundleError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None

@@ -60,7 +60,8 @@ def check_paths(bundle_dir: Path, manifest: Manifest) -> None:
     for name, entry in manifest.graphs.items():
         if not isinstance(entry.variants, dict):
             raise BundleError(f"{bundle_dir}: variants of graph {name} are malformed")
-        groups = [(name, entry.file, entry.sha256)]
+        # (label, file, hashes) as the manifest holds them: unchecked values, checked below
+        groups: list[tuple[str, Any, Any]] = [(name, entry.file, entry.sha256)]
         for prec, variant in entry.variants.items():
             if not isinstance(variant, dict):
                 raise BundleError(f"{bundle_dir}: variant {name}.{prec} is malformed")

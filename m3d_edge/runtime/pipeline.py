@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from m3d_edge.bundle import Manifest, ModelDims, read_manifest
 from m3d_edge.errors import BackendError, BundleError, GenerationError, PromptError, StudyError
-from m3d_edge.runtime.backend import BackendOptions, open_graph_sessions
+from m3d_edge.runtime.backend import BackendOptions, GraphSession, open_graph_sessions
 from m3d_edge.runtime.generate import Decoder, SamplingParams, generate
 from m3d_edge.runtime.prompts import (
     SEG_FORCE_BIAS,
@@ -153,9 +153,12 @@ class Pipeline:
         )
         self.sessions: dict[str, Graph] = dict(opened.sessions)
         self.precisions, self.precision_fallbacks = opened.precisions, opened.fallbacks
+        decoder = opened.sessions["decoder"]
+        if not isinstance(decoder, GraphSession):  # ON_DEMAND_GRAPHS never holds it: it runs bound buffers
+            raise BackendError("decoder: the decoder loop needs an opened session, not an on-demand one")
         # the cache type is the backend's own (KVCache here, TrtKVCache there): the pipeline only hands
         # back what decoder.new_cache made
-        self.decoder: DecoderBackend[Any] = Decoder(opened.sessions["decoder"], self.dims, self.embed_table)
+        self.decoder: DecoderBackend[Any] = Decoder(decoder, self.dims, self.embed_table)
 
     def _open_engines(self, precision: str | dict[str, str] | None) -> None:
         """Native TensorRT plans built by ``m3d-edge build-engines`` for this GPU (KV cache on the device)."""

@@ -19,10 +19,17 @@ Array = NDArray[np.generic]  # a named tensor of any dtype, as the graphs take a
 
 @runtime_checkable
 class Graph(Protocol):
-    """What provenance and timing read of every graph: the ``provider`` running it, ``seconds`` inside it."""
+    """What provenance and timing read of every graph: the ``provider`` running it, ``seconds`` inside it.
 
-    provider: str
-    seconds: float
+    Read-only members: a plain attribute satisfies them, and so does a property (an on-demand session's
+    ``seconds`` is 0 until it opens).
+    """
+
+    @property
+    def provider(self) -> str: ...
+
+    @property
+    def seconds(self) -> float: ...
 
 
 @runtime_checkable

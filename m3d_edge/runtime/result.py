@@ -10,11 +10,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from m3d_edge import __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    from m3d_edge.runtime.imaging.preprocess import PreprocessRecord
 
 RESULT_SCHEMA = "m3d-edge/result/1"
 MODEL_GRID = (32, 256, 256)
@@ -155,7 +158,7 @@ class Result:
         return json.dumps(self.to_dict(relative_to), indent=2)
 
 
-def identity_record():
+def identity_record() -> PreprocessRecord:
     """The preprocessing record of an input already on the model grid (array or M3D .npy)."""
     from m3d_edge.runtime.imaging import Geometry, PreprocessRecord
 

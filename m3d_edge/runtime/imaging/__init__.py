@@ -3,6 +3,8 @@
 Torch-free by rule: nothing here imports torch or transformers.
 """
 
+from typing import Any
+
 from m3d_edge.runtime.imaging.geometry import (
     Geometry,
     SourceBox,
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in ("scan_folder", "SeriesInfo"):
         from m3d_edge.runtime.imaging import dicom_series as dicom
 

@@ -149,8 +149,7 @@ def load_dicom(
             raise StudyError(f"{fr.file.name}: pixel data of shape {img.shape}, header says {rows}x{cols}")
         vol[z] = img.astype(np.float32) * np.float32(fr.slope) + np.float32(fr.intercept)
 
-    iop = frames[0].iop
-    row_sp, col_sp = frames[0].pixel_spacing
+    ipp, iop, (row_sp, col_sp) = frames[0].placement()
     pos = layout.positions
     resampled = bool(layout.irregular)
     if resampled:
@@ -166,7 +165,7 @@ def load_dicom(
     affine[:3, 0] = iop[:3] * col_sp
     affine[:3, 1] = iop[3:] * row_sp
     affine[:3, 2] = layout.normal * dz
-    affine[:3, 3] = frames[0].ipp
+    affine[:3, 3] = ipp
     geom = Geometry.from_affine(affine, vol.shape)
 
     datasets, seen = [], set()

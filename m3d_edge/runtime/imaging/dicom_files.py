@@ -37,6 +37,7 @@ def readable_copy(path: Path, limit: int | None = None) -> Iterator[Path]:
     """
     import zlib
 
+    from pydicom.filebase import DicomFileLike
     from pydicom.filereader import _read_file_meta_info, read_preamble
     from pydicom.filewriter import write_file_meta_info
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
@@ -57,7 +58,7 @@ def readable_copy(path: Path, limit: int | None = None) -> Iterator[Path]:
             d, written = zlib.decompressobj(-zlib.MAX_WBITS), 0
             with open(out_path, "wb") as out:
                 out.write(b"\0" * 128 + b"DICM")
-                write_file_meta_info(out, meta, enforce_standard=True)
+                write_file_meta_info(DicomFileLike(out), meta, enforce_standard=True)
                 pending = b""
                 while True:
                     if not pending:

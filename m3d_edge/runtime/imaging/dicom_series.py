@@ -42,6 +42,11 @@ class _Frame:
     intercept: float
     thickness: float | None
 
+    def placement(self) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        """``(ipp, iop, pixel_spacing)`` of a frame known to have all three (:func:`_check_geometry`)."""
+        assert self.ipp is not None and self.iop is not None and self.pixel_spacing is not None
+        return self.ipp, self.iop, self.pixel_spacing
+
 
 @dataclass
 class SeriesInfo:
@@ -380,22 +385,23 @@ def _check_geometry(frames: list[_Frame], name: str) -> _Layout:
         raise StudyError(
             f"{name}: {len(missing)} image(s) lack ImagePositionPatient, ImageOrientationPatient or PixelSpacing"
         )
-    if any(len(f.ipp) != 3 or len(f.iop) != 6 for f in frames):
+    placed = [f.placement() for f in frames]  # (ipp, iop, pixel_spacing), in frame order
+    if any(len(ipp) != 3 or len(iop) != 6 for ipp, iop, _ in placed):
         raise StudyError(f"{name}: malformed ImagePositionPatient or ImageOrientationPatient")
-    iop0 = frames[0].iop
-    if any(not np.allclose(f.iop, iop0, atol=1e-3) for f in frames):
+    iop0, spacing0 = placed[0][1], placed[0][2]
+    if any(not np.allclose(iop, iop0, atol=1e-3) for _, iop, _ in placed):
         raise StudyError(f"{name}: images have different orientations (ImageOrientationPatient)")
     if any((f.rows, f.cols) != (frames[0].rows, frames[0].cols) for f in frames):
         raise StudyError(f"{name}: images have different sizes (Rows/Columns)")
-    if any(not np.allclose(f.pixel_spacing, frames[0].pixel_spacing, rtol=1e-3) for f in frames):
+    if any(not np.allclose(ps, spacing0, rtol=1e-3) for _, _, ps in placed):
         raise StudyError(f"{name}: images have different PixelSpacing")
-    if min(frames[0].pixel_spacing) <= 0:
+    if min(spacing0) <= 0:
         raise StudyError(f"{name}: PixelSpacing must be positive")
     normal = np.cross(iop0[:3], iop0[3:])
     if np.linalg.norm(normal) < 1e-3:
         raise StudyError(f"{name}: ImageOrientationPatient row and column directions are parallel")
     normal = normal / np.linalg.norm(normal)
-    pos = np.array([float(f.ipp @ normal) for f in frames])
+    pos = np.array([float(ipp @ normal) for ipp, _, _ in placed])
     order = np.argsort(pos, kind="stable")
     frames = [frames[i] for i in order]
     pos = pos[order]
@@ -411,7 +417,7 @@ def _check_geometry(frames: list[_Frame], name: str) -> _Layout:
             f"{name}: duplicate slices: {len(dup) + 1} images share positions along the slice normal "
             f"(first at {pos[i]:.2f} mm)"
         )
-    ipps = np.stack([f.ipp for f in frames])
+    ipps = np.stack([f.placement()[0] for f in frames])
     vec = np.diff(ipps, axis=0)
     along = vec @ normal
     perp = np.linalg.norm(vec - along[:, None] * normal[None, :], axis=1)

@@ -26,6 +26,7 @@ the box, so boxes and masks mapped back agree.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ import numpy as np
 
 from m3d_edge.errors import StudyError
 from m3d_edge.fileio import atomic_path
+from m3d_edge.runtime.imaging.triples import Float3, Int3, float3, int3
 
 if TYPE_CHECKING:  # pragma: no cover
     from m3d_edge.runtime.imaging.preprocess import PreprocessRecord
@@ -48,8 +50,8 @@ class Geometry:
     """Where the voxels of a ``(z, y, x)`` volume are in patient space (LPS, mm)."""
 
     affine: np.ndarray  # 4x4, (x=column, y=row, z=slice, 1) -> LPS mm
-    shape: tuple[int, int, int]  # (z, y, x)
-    spacing: tuple[float, float, float]  # (z, y, x) mm
+    shape: Int3  # (z, y, x)
+    spacing: Float3  # (z, y, x) mm
 
     @classmethod
     def from_affine(cls, affine: np.ndarray, shape: tuple[int, ...]) -> Geometry:
@@ -57,7 +59,7 @@ class Geometry:
         norms = np.linalg.norm(affine[:3, :3], axis=0)  # x, y, z
         return cls(
             affine=affine,
-            shape=tuple(int(s) for s in shape),
+            shape=int3(shape),
             spacing=(float(norms[2]), float(norms[1]), float(norms[0])),
         )
 
@@ -67,18 +69,21 @@ class Geometry:
 
     @property
     def affine_ras(self) -> np.ndarray:
-        return LPS_TO_RAS @ self.affine
+        ras: np.ndarray = LPS_TO_RAS @ self.affine
+        return ras
 
     @property
     def slice_normal(self) -> np.ndarray:
         n = np.cross(self.affine[:3, 0], self.affine[:3, 1])
-        return n / np.linalg.norm(n)
+        unit: np.ndarray = n / np.linalg.norm(n)
+        return unit
 
-    def zyx_to_lps(self, zyx: np.ndarray | list | tuple) -> np.ndarray:
+    def zyx_to_lps(self, zyx: np.ndarray | Sequence[float]) -> np.ndarray:
         """Map voxel indices given in array order ``(..., 3)`` = (z, y, x) to LPS millimetres."""
         p = np.asarray(zyx, dtype=np.float64)
         xyz1 = np.concatenate([p[..., ::-1], np.ones((*p.shape[:-1], 1))], axis=-1)
-        return (xyz1 @ self.affine.T)[..., :3]
+        lps: np.ndarray = (xyz1 @ self.affine.T)[..., :3]
+        return lps
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,8 +96,8 @@ class Geometry:
     def from_dict(cls, d: dict[str, Any]) -> Geometry:
         return cls(
             affine=np.asarray(d["affine_lps"], dtype=np.float64),
-            shape=tuple(int(v) for v in d["shape_zyx"]),
-            spacing=tuple(float(v) for v in d["spacing_zyx_mm"]),
+            shape=int3(d["shape_zyx"]),
+            spacing=float3(d["spacing_zyx_mm"]),
         )
 
 
@@ -118,13 +123,13 @@ class SourceBox:
     """A model box mapped back to the source series."""
 
     normalized: tuple[float, ...]  # [d1,h1,w1,d2,h2,w2] as given
-    grid_min: tuple[int, int, int]  # inclusive voxel indices on the 32x256x256 grid, (z, y, x)
-    grid_max: tuple[int, int, int]
-    source_min: tuple[int, int, int]  # inclusive voxel indices on the source volume, (z, y, x)
-    source_max: tuple[int, int, int]
-    mm_min: tuple[float, float, float]  # LPS mm of the centre of voxel source_min
-    mm_max: tuple[float, float, float]  # LPS mm of the centre of voxel source_max
-    mm_center: tuple[float, float, float]  # LPS mm, midpoint of mm_min and mm_max
+    grid_min: Int3  # inclusive voxel indices on the 32x256x256 grid, (z, y, x)
+    grid_max: Int3
+    source_min: Int3  # inclusive voxel indices on the source volume, (z, y, x)
+    source_max: Int3
+    mm_min: Float3  # LPS mm of the centre of voxel source_min
+    mm_max: Float3  # LPS mm of the centre of voxel source_max
+    mm_center: Float3  # LPS mm, midpoint of mm_min and mm_max
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) for k, v in self.__dict__.items()}
@@ -147,7 +152,10 @@ def box_to_source(box: list[float] | tuple[float, ...], record: PreprocessRecord
     if len(vals) != 6 or not all(math.isfinite(v) for v in vals):
         raise StudyError(f"box {box!r}: expected 6 finite numbers [d1, h1, w1, d2, h2, w2]")
     target = record.target_shape
-    grid_lo, grid_hi, src_lo, src_hi = [], [], [], []
+    grid_lo: list[int] = []
+    grid_hi: list[int] = []
+    src_lo: list[int] = []
+    src_hi: list[int] = []
     for ax in range(3):
         a = min(max(round(vals[ax] * target[ax]), 0), target[ax] - 1)
         b = min(max(round(vals[ax + 3] * target[ax]), 0), target[ax] - 1)
@@ -168,13 +176,13 @@ def box_to_source(box: list[float] | tuple[float, ...], record: PreprocessRecord
     p0, p1 = geom.zyx_to_lps(src_lo), geom.zyx_to_lps(src_hi)
     return SourceBox(
         normalized=tuple(vals),
-        grid_min=tuple(grid_lo),
-        grid_max=tuple(grid_hi),
-        source_min=tuple(src_lo),
-        source_max=tuple(src_hi),
-        mm_min=tuple(float(v) for v in p0),
-        mm_max=tuple(float(v) for v in p1),
-        mm_center=tuple(float(v) for v in (p0 + p1) / 2),
+        grid_min=(grid_lo[0], grid_lo[1], grid_lo[2]),
+        grid_max=(grid_hi[0], grid_hi[1], grid_hi[2]),
+        source_min=(src_lo[0], src_lo[1], src_lo[2]),
+        source_max=(src_hi[0], src_hi[1], src_hi[2]),
+        mm_min=float3(p0),
+        mm_max=float3(p1),
+        mm_center=float3((p0 + p1) / 2),
     )
 
 
@@ -185,7 +193,8 @@ def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
     """For each of n_out source voxels, the model voxel (of n_in) it takes its value from."""
     scale = n_out / n_in  # source voxels per model voxel
     idx = np.floor((np.arange(n_out) + 0.5) / scale + 1e-9).astype(np.int64)
-    return np.clip(idx, 0, n_in - 1)
+    clipped: np.ndarray = np.clip(idx, 0, n_in - 1)
+    return clipped
 
 
 def mask_to_source(mask: np.ndarray, record: PreprocessRecord) -> np.ndarray:
@@ -224,10 +233,11 @@ def write_nifti_mask(mask: np.ndarray, geometry: Geometry, path: Path | str) -> 
             f"{path.name}: mask shape {tuple(m.shape)} does not match the source {geometry.shape}"
         )
     data = np.ascontiguousarray((m != 0).astype(np.uint8).transpose(2, 1, 0))  # -> (x, y, z)
-    img = nib.Nifti1Image(data, geometry.affine_ras)
-    img.set_sform(geometry.affine_ras, code=1)
-    img.set_qform(geometry.affine_ras, code=1)
-    img.header.set_xyzt_units("mm")
+    # nibabel's Nifti1Image and its header methods carry no annotations
+    img = nib.Nifti1Image(data, geometry.affine_ras)  # type: ignore[no-untyped-call]
+    img.set_sform(geometry.affine_ras, code=1)  # type: ignore[no-untyped-call]
+    img.set_qform(geometry.affine_ras, code=1)  # type: ignore[no-untyped-call]
+    img.header.set_xyzt_units("mm")  # type: ignore[no-untyped-call]
     suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
     with atomic_path(path) as tmp:
         real_tmp = tmp.with_name(tmp.name + suffix)  # nibabel picks compression from the suffix
@@ -302,6 +312,8 @@ def write_dicom_seg(
         # pixel_array must follow the frame order of the single multi-frame source image
         frames = np.zeros((int(study.source_datasets[0].NumberOfFrames), *m.shape[1:]), np.uint8)
         for z, fn in enumerate(study.source_frame_numbers):
+            if fn is None:
+                raise StudyError(f"{name}: slice {z} has no frame number in its multi-frame source")
             frames[int(fn) - 1] = m[z]
         pixel_array = frames
     elif len(study.source_datasets) == m.shape[0]:

@@ -61,7 +61,9 @@ def read_header(path: Path) -> tuple[dict[str, str], int]:
     raise StudyError(f"{path}: MetaImage header without ElementDataFile in its first 64 KB")
 
 
-def _floats(path: Path, fields: dict[str, str], keys: tuple[str, ...], n: int, default: list[float]):
+def _floats(
+    path: Path, fields: dict[str, str], keys: tuple[str, ...], n: int, default: list[float]
+) -> list[float]:
     for k in keys:
         if k in fields:
             try:

@@ -80,7 +80,8 @@ def _dtype(path: Path, header: dict[str, Any]) -> np.dtype | None:
     if determine is None:
         return None
     try:
-        return determine(header)
+        dtype: np.dtype = determine(header)  # pynrrd's private helper, unannotated
+        return dtype
     except Exception as exc:
         raise StudyError(f"{path}: NRRD type {header.get('type')!r} is not supported ({exc})") from None
 

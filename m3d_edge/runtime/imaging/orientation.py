@@ -41,9 +41,12 @@ reorientation would show as wrong letters instead of silently wrong images.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from m3d_edge.runtime.imaging.triples import Bool3, Float3, Int3, bool3, float3, int3
 
 #: LPS component -> (letter of the positive direction, letter of the negative direction)
 _LETTERS = (("L", "R"), ("P", "A"), ("S", "I"))
@@ -52,7 +55,7 @@ _CANONICAL_LPS = (2, 1, 0)  # axis 0 -> S, axis 1 -> P, axis 2 -> L
 VIEWS = ("axial", "coronal", "sagittal")
 
 
-def direction_letters(vec: np.ndarray | list | tuple, threshold: float = 0.3) -> str:
+def direction_letters(vec: np.ndarray | Sequence[float], threshold: float = 0.3) -> str:
     """Letters naming an LPS direction, strongest first: ``(1,0,0)`` -> ``"L"``, ``(-.8,.6,0)`` -> ``"RP"``.
 
     Components whose share of the unit vector is below ``threshold`` are left out (at least one letter).
@@ -78,11 +81,11 @@ class Canonical:
     ``directions[c]`` the LPS unit vector canonical axis ``c`` points along; ``spacing[c]`` its mm step.
     """
 
-    perm: tuple[int, int, int]
-    flip: tuple[bool, bool, bool]
+    perm: Int3
+    flip: Bool3
     directions: np.ndarray  # [3, 3]: row c = LPS direction of canonical axis c
-    spacing: tuple[float, float, float]
-    shape: tuple[int, int, int]  # canonical shape
+    spacing: Float3
+    shape: Int3  # canonical shape
 
     def view(self, array: np.ndarray) -> np.ndarray:
         """The canonical view (a numpy view, no copy) of a ``(z, y, x)`` array."""
@@ -95,23 +98,21 @@ class Canonical:
         n = self.shape[c]
         return (n - 1 - hi, n - 1 - lo) if self.flip[c] else (lo, hi)
 
-    def to_source(self, canonical_index: tuple[int, int, int]) -> tuple[int, int, int]:
+    def to_source(self, canonical_index: Int3) -> Int3:
         """A canonical ``(c0, c1, c2)`` voxel index -> the array's ``(z, y, x)`` index."""
         out = [0, 0, 0]
         for c in range(3):
             k = int(canonical_index[c])
             out[self.perm[c]] = self.shape[c] - 1 - k if self.flip[c] else k
-        return tuple(out)
+        return out[0], out[1], out[2]
 
-    def box_to_canonical(
-        self, lo_zyx: tuple[int, int, int], hi_zyx: tuple[int, int, int]
-    ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    def box_to_canonical(self, lo_zyx: Int3, hi_zyx: Int3) -> tuple[Int3, Int3]:
         """An inclusive ``(z, y, x)`` box -> the same box as inclusive canonical ranges."""
         lo, hi = [0, 0, 0], [0, 0, 0]
         for c in range(3):
             a = self.perm[c]
             lo[c], hi[c] = self.to_canonical(c, int(lo_zyx[a]), int(hi_zyx[a]))
-        return tuple(lo), tuple(hi)
+        return (lo[0], lo[1], lo[2]), (hi[0], hi[1], hi[2])
 
     def view_directions(self, view: str) -> tuple[np.ndarray, np.ndarray]:
         """LPS unit vectors of (image right, image down) for a view."""
@@ -135,7 +136,7 @@ class Canonical:
         }
 
 
-def canonical_axes(affine: np.ndarray, shape: tuple[int, int, int]) -> Canonical:
+def canonical_axes(affine: np.ndarray, shape: Int3) -> Canonical:
     """Pick the permutation and flips of a ``(z, y, x)`` array that best align it with (S, P, L).
 
     ``affine`` maps ``(x, y, z, 1)`` voxel indices to LPS mm (the :class:`Geometry` convention).
@@ -148,25 +149,24 @@ def canonical_axes(affine: np.ndarray, shape: tuple[int, int, int]) -> Canonical
     if not np.all(norms > 0):
         raise ValueError("affine has an axis of zero length")
     dirs = raw / norms[:, None]
-    best, best_score = (0, 1, 2), -1.0
+    best: tuple[int, ...] = (0, 1, 2)
+    best_score = -1.0
     for perm in itertools.permutations(range(3)):
         score = sum(abs(dirs[perm[c], _CANONICAL_LPS[c]]) for c in range(3))
         if score > best_score + 1e-9:
             best, best_score = perm, score
-    flip = tuple(bool(dirs[best[c], _CANONICAL_LPS[c]] < 0) for c in range(3))
+    flip = bool3(dirs[best[c], _CANONICAL_LPS[c]] < 0 for c in range(3))
     directions = np.stack([dirs[best[c]] * (-1.0 if flip[c] else 1.0) for c in range(3)])
     return Canonical(
-        perm=tuple(int(p) for p in best),
+        perm=int3(best),
         flip=flip,
         directions=directions,
-        spacing=tuple(float(norms[best[c]]) for c in range(3)),
-        shape=tuple(int(shape[best[c]]) for c in range(3)),
+        spacing=float3(norms[best[c]] for c in range(3)),
+        shape=int3(shape[best[c]] for c in range(3)),
     )
 
 
-def orientation_letters(
-    affine: np.ndarray, shape: tuple[int, int, int] = (1, 1, 1)
-) -> dict[str, dict[str, str]]:
+def orientation_letters(affine: np.ndarray, shape: Int3 = (1, 1, 1)) -> dict[str, dict[str, str]]:
     """Letters per view (``axial``, ``coronal``, ``sagittal``): ``{left, right, top, bottom}`` as shown."""
     can = canonical_axes(affine, shape)
     return {v: can.letters(v) for v in VIEWS}
@@ -188,11 +188,11 @@ def from_model_order(array: np.ndarray, perm: tuple[int, ...], flip: tuple[bool,
 
 
 def index_from_model_order(
-    index: tuple[int, ...], perm: tuple[int, ...], flip: tuple[bool, ...], model_shape: tuple[int, ...]
-) -> tuple[int, int, int]:
+    index: Sequence[int], perm: tuple[int, ...], flip: tuple[bool, ...], model_shape: tuple[int, ...]
+) -> Int3:
     """A voxel index of the model-order view -> the same voxel's stored ``(z, y, x)`` index."""
     out = [0, 0, 0]
     for c in range(3):
         k = int(index[c])
         out[perm[c]] = int(model_shape[c]) - 1 - k if flip[c] else k
-    return tuple(out)
+    return out[0], out[1], out[2]

@@ -18,6 +18,7 @@ import numpy as np
 from m3d_edge.errors import StudyError
 from m3d_edge.runtime.imaging.geometry import TARGET_SHAPE, Geometry
 from m3d_edge.runtime.imaging.orientation import canonical_axes, to_model_order
+from m3d_edge.runtime.imaging.triples import Bool3, Float3, Int3, bool3, float3, int3
 
 if TYPE_CHECKING:  # pragma: no cover
     from m3d_edge.runtime.imaging.study import Study
@@ -46,24 +47,24 @@ class PreprocessRecord:
     identity for a study already stored in that order.
     """
 
-    source_shape: tuple[int, int, int]  # (z, y, x) of the source volume as stored
-    crop_start: tuple[int, int, int]  # inclusive, on the model-order view of the source
-    crop_stop: tuple[int, int, int]  # exclusive, on the model-order view of the source
-    target_shape: tuple[int, int, int]  # (32, 256, 256)
-    zoom: tuple[float, float, float]  # target / cropped size per (model-order) axis
+    source_shape: Int3  # (z, y, x) of the source volume as stored
+    crop_start: Int3  # inclusive, on the model-order view of the source
+    crop_stop: Int3  # exclusive, on the model-order view of the source
+    target_shape: Int3  # (32, 256, 256)
+    zoom: Float3  # target / cropped size per (model-order) axis
     source_geometry: Geometry
     window: str = "m3d"
     clip: tuple[float, float] | None = None  # HU clip bounds applied (None: identity record)
     value_range: tuple[float, float] | None = None  # min/max after clipping, mapped to 0 and 1
     identity: bool = False  # True for already-preprocessed (M3D .npy) input
     notes: list[str] = field(default_factory=list)
-    perm: tuple[int, int, int] = (0, 1, 2)  # model axis a is stored axis perm[a] ...
-    flip: tuple[bool, bool, bool] = (False, False, False)  # ... reversed when flip[a]
+    perm: Int3 = (0, 1, 2)  # model axis a is stored axis perm[a] ...
+    flip: Bool3 = (False, False, False)  # ... reversed when flip[a]
 
     @property
-    def oriented_shape(self) -> tuple[int, int, int]:
+    def oriented_shape(self) -> Int3:
         """Shape of the source volume viewed in model order."""
-        return tuple(int(self.source_shape[p]) for p in self.perm)
+        return int3(self.source_shape[p] for p in self.perm)
 
     @property
     def reoriented(self) -> bool:
@@ -87,21 +88,20 @@ class PreprocessRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessRecord:
-        t3 = lambda v: tuple(int(x) for x in v)  # noqa: E731
         return cls(
-            source_shape=t3(d["source_shape"]),
-            crop_start=t3(d["crop_start"]),
-            crop_stop=t3(d["crop_stop"]),
-            target_shape=t3(d["target_shape"]),
-            zoom=tuple(float(x) for x in d["zoom"]),
+            source_shape=int3(d["source_shape"]),
+            crop_start=int3(d["crop_start"]),
+            crop_stop=int3(d["crop_stop"]),
+            target_shape=int3(d["target_shape"]),
+            zoom=float3(d["zoom"]),
             source_geometry=Geometry.from_dict(d["source_geometry"]),
             window=d.get("window", "m3d"),
             clip=tuple(d["clip"]) if d.get("clip") is not None else None,
             value_range=tuple(d["value_range"]) if d.get("value_range") is not None else None,
             identity=bool(d.get("identity", False)),
             notes=list(d.get("notes", [])),
-            perm=tuple(int(v) for v in d.get("orientation", {}).get("perm", (0, 1, 2))),
-            flip=tuple(bool(v) for v in d.get("orientation", {}).get("flip", (False,) * 3)),
+            perm=int3(d.get("orientation", {}).get("perm", (0, 1, 2))),
+            flip=bool3(d.get("orientation", {}).get("flip", (False,) * 3)),
         )
 
 
@@ -125,7 +125,8 @@ def resize_linear_axis(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
     shape[axis] = n_out
     lam = lam.reshape(shape).astype(a.dtype)
     lo = np.take(a, i0, axis=axis)
-    return lo + (np.take(a, i1, axis=axis) - lo) * lam
+    resized: np.ndarray = lo + (np.take(a, i1, axis=axis) - lo) * lam
+    return resized
 
 
 def resize_trilinear(volume: np.ndarray, shape: tuple[int, int, int] = TARGET_SHAPE) -> np.ndarray:
@@ -142,10 +143,11 @@ def resize_trilinear(volume: np.ndarray, shape: tuple[int, int, int] = TARGET_SH
     return np.ascontiguousarray(v, dtype=np.float32)
 
 
-def crop_foreground_box(volume: np.ndarray) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def crop_foreground_box(volume: np.ndarray) -> tuple[Int3, Int3]:
     """MONAI ``CropForeground`` box (``x > 0``, margin 0): (start, stop) per axis, stop exclusive."""
     fg = volume > 0
-    start, stop = [], []
+    start: list[int] = []
+    stop: list[int] = []
     for ax in range(3):
         other = tuple(a for a in range(3) if a != ax)
         idx = np.nonzero(fg.any(axis=other))[0]
@@ -153,7 +155,7 @@ def crop_foreground_box(volume: np.ndarray) -> tuple[tuple[int, int, int], tuple
             raise StudyError("volume has no foreground after normalization (it is constant)")
         start.append(int(idx[0]))
         stop.append(int(idx[-1]) + 1)
-    return tuple(start), tuple(stop)
+    return (start[0], start[1], start[2]), (stop[0], stop[1], stop[2])
 
 
 def normalize(
@@ -170,7 +172,9 @@ def normalize(
     return (v - vmin) / (vmax - vmin), (lo, hi), (vmin, vmax)
 
 
-def preprocess(study: Study | np.ndarray, window: str = "m3d", geometry: Geometry | None = None):
+def preprocess(
+    study: Study | np.ndarray, window: str = "m3d", geometry: Geometry | None = None
+) -> tuple[np.ndarray, PreprocessRecord]:
     """HU volume (or a :class:`Study`) -> (``[1, 32, 256, 256]`` float32 in [0, 1], :class:`PreprocessRecord`).
 
     A study loaded from an M3D ``.npy`` (``preprocessed=True``) is passed through with an identity record.
@@ -212,11 +216,11 @@ def preprocess(study: Study | np.ndarray, window: str = "m3d", geometry: Geometr
     cropped = norm[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]]
     out = resize_trilinear(cropped, TARGET_SHAPE)
     rec = PreprocessRecord(
-        source_shape=tuple(int(s) for s in hu.shape),
+        source_shape=int3(hu.shape),
         crop_start=start,
         crop_stop=stop,
         target_shape=TARGET_SHAPE,
-        zoom=tuple(float(t / c) for t, c in zip(TARGET_SHAPE, cropped.shape, strict=True)),
+        zoom=float3(t / c for t, c in zip(TARGET_SHAPE, cropped.shape, strict=True)),
         source_geometry=geometry,
         window=window,
         clip=clip,

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -35,6 +36,11 @@ from pydicom.dataset import Dataset
 from m3d_edge import __version__
 from m3d_edge.errors import StudyError
 from m3d_edge.fileio import atomic_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from highdicom.sr import CodedConcept
+
+    from m3d_edge.runtime.imaging.geometry import Geometry
 
 SCHEME = "99M3DEDGE"  # local coding scheme (DICOM PS3.16: designators starting "99" are private)
 QUESTION = ("question", "Question")
@@ -97,7 +103,7 @@ def _evidence(datasets: list[Any]) -> list[Any]:
     return out
 
 
-def _code(value: str, scheme: str, meaning: str):
+def _code(value: str, scheme: str, meaning: str) -> CodedConcept:
     import highdicom as hd
 
     return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
@@ -117,7 +123,7 @@ def box_faces(corners: np.ndarray) -> list[np.ndarray]:
     return [np.array([c[k] for k in q] + [c[q[0]]], dtype=np.float64) for q in quads]
 
 
-def box_corners(source_min, source_max, geometry) -> np.ndarray:
+def box_corners(source_min: Sequence[int], source_max: Sequence[int], geometry: Geometry) -> np.ndarray:
     """The 8 voxel-edge corners (LPS mm) of the voxels ``source_min..source_max``, lo/hi product order."""
     lo = np.asarray(source_min, dtype=np.float64) - 0.5
     hi = np.asarray(source_max, dtype=np.float64) + 0.5
@@ -240,10 +246,11 @@ def read_dicom_sr(path: Path | str) -> SRContent:
     path = Path(path)
     try:
         sr = hd.sr.srread(path)
-        groups = {str(g.tracking_identifier): g for g in sr.content.get_image_measurement_groups()}
-        groups.update(
-            {str(g.tracking_identifier): g for g in sr.content.get_volumetric_roi_measurement_groups()}
-        )
+        content = sr.content  # typed as highdicom's ContentSequence base; here a TID 1500 MeasurementReport
+        image_groups = content.get_image_measurement_groups()  # type: ignore[attr-defined]
+        roi_groups = content.get_volumetric_roi_measurement_groups()  # type: ignore[attr-defined]
+        groups = {str(g.tracking_identifier): g for g in image_groups}
+        groups.update({str(g.tracking_identifier): g for g in roi_groups})
     except Exception as exc:
         raise StudyError(f"{path}: cannot read a DICOM SR ({type(exc).__name__}: {exc})") from exc
     if TRACK_ANSWER not in groups:
@@ -300,18 +307,18 @@ def box_source_voxels(corners: np.ndarray, geometry: Any) -> tuple[tuple[int, ..
     return tuple(int(v) for v in lo), tuple(int(v) for v in hi)
 
 
-def _walk(items):
+def _walk(items: Iterable[Any]) -> Iterator[Any]:
     for item in items:
         yield item
         yield from _walk(getattr(item, "ContentSequence", []))
 
 
-def _concept(item) -> tuple[str, str]:
+def _concept(item: Any) -> tuple[str, str]:
     c = item.ConceptNameCodeSequence[0]
     return str(c.CodeValue), str(c.CodingSchemeDesignator)
 
 
-def _source_series(sr) -> str | None:
+def _source_series(sr: Any) -> str | None:
     """The evidence series that is not a Segmentation (the source images), from the evidence sequence."""
     for study in getattr(sr, "CurrentRequestedProcedureEvidenceSequence", []):
         for series in study.ReferencedSeriesSequence:
@@ -320,7 +327,7 @@ def _source_series(sr) -> str | None:
     return None
 
 
-def _uidref(items, code: tuple[str, str]) -> str | None:
+def _uidref(items: Iterable[Any], code: tuple[str, str]) -> str | None:
     for i in items:
         if i.ValueType == "UIDREF" and _concept(i) == code:
             return str(i.UID)

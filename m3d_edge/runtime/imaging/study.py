@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
 from m3d_edge.errors import M3DEdgeError, StudyError
 from m3d_edge.runtime.imaging.geometry import LPS_TO_RAS, TARGET_SHAPE, Geometry
+
+_Loader = TypeVar("_Loader", bound=Callable[..., Any])
 
 
 @dataclass
@@ -43,11 +46,11 @@ class Study:
     skipped_files: list[str] = field(default_factory=list)  # unreadable files (relative to the folder)
 
 
-def _typed_errors(load):
+def _typed_errors(load: _Loader) -> _Loader:
     """The readers' boundary: anything a library raises on a damaged file becomes one StudyError line."""
 
     @functools.wraps(load)
-    def wrapper(path, *args, **kwargs):
+    def wrapper(path: Path | str, *args: Any, **kwargs: Any) -> Any:
         try:
             return load(path, *args, **kwargs)
         except M3DEdgeError:
@@ -60,7 +63,8 @@ def _typed_errors(load):
             first = (str(exc).strip().splitlines() or [""])[0][:160]
             raise StudyError(f"{path}: unreadable study ({type(exc).__name__}: {first})") from exc
 
-    return wrapper
+    # wrapper takes and returns what load does (``path`` first, the rest passed on), so it has load's type
+    return cast(_Loader, wrapper)
 
 
 @_typed_errors
@@ -138,14 +142,15 @@ def load_nifti(path: Path | str, max_voxels: int | None = None) -> Study:
         raise StudyError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
     _check_nifti_size(path, img, max_voxels)
     try:
-        data = np.asarray(img.get_fdata(dtype=np.float32))
+        # nib.load is annotated as the FileBasedImage base; a NIfTI is a SpatialImage (get_fdata, affine)
+        data = np.asarray(img.get_fdata(dtype=np.float32))  # type: ignore[attr-defined]
     except Exception as exc:
         raise StudyError(f"{path}: cannot read NIfTI ({type(exc).__name__}: {exc})") from exc
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise StudyError(f"{path}: NIfTI has shape {data.shape}; expected a 3D volume")
-    affine_ras = np.asarray(img.affine, dtype=np.float64)
+    affine_ras = np.asarray(img.affine, dtype=np.float64)  # type: ignore[attr-defined]  # as get_fdata
     if not np.isfinite(affine_ras).all() or abs(np.linalg.det(affine_ras[:3, :3])) < 1e-12:
         raise StudyError(f"{path}: NIfTI affine is singular or not finite")
     if not np.isfinite(data).all():
