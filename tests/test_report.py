@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from m3d_edge.runtime.imaging.geometry import Geometry, box_from_mask, box_to_source, mask_to_source
+from m3d_edge.runtime.imaging.geometry import Geometry
+from m3d_edge.runtime.imaging.mapping import box_from_mask, box_to_source, mask_to_source
 from m3d_edge.runtime.imaging.preprocess import preprocess
 from m3d_edge.runtime.imaging.study import Study
 from m3d_edge.runtime.report import (

@@ -5,14 +5,9 @@ writes ``calibration/<graph>.<precision>.json`` reports and records the variants
 the manifest; ``report.summary()`` is a readable account of what happened.
 """
 
-from m3d_edge.calibration.calibrate import (
-    CalibrationError,
-    CalibrationReport,
-    Gates,
-    VariantReport,
-    calibrate_bundle,
-)
+from m3d_edge.calibration.calibrate import CalibrationError, calibrate_bundle
 from m3d_edge.calibration.data import CalibrationData, find_studies, load_calibration_data
+from m3d_edge.calibration.variants import CalibrationReport, Gates, VariantReport
 
 __all__ = [
     "CalibrationData",

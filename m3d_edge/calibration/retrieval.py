@@ -16,19 +16,19 @@ from typing import Any
 import numpy as np
 
 from m3d_edge.bundle import Manifest, read_manifest, write_manifest
-from m3d_edge.calibration.calibrate import (
+from m3d_edge.calibration.data import load_calibration_data
+from m3d_edge.calibration.evaluate import _speed, cosine, time_graph
+from m3d_edge.calibration.variants import (
     CALIBRATION_DIR,
     CalibrationReport,
     Gates,
-    _quantize,
-    _record,
-    _set_defaults,
-    _unlist,
-    _variant_report,
-    _write_report,
+    quantize_variant,
+    record,
+    set_defaults,
+    unlist,
+    variant_report,
+    write_report,
 )
-from m3d_edge.calibration.data import load_calibration_data
-from m3d_edge.calibration.evaluate import _speed, cosine, time_graph
 from m3d_edge.runtime.backend import BackendOptions, GraphSession
 
 GRAPH = "image_encoder"
@@ -60,19 +60,19 @@ def calibrate_retrieval(
 
     data = load_calibration_data(data_dir, samples, held_out, allow_augment=allow_augment, progress=tick)
     jobs = [(GRAPH, "int8")]
-    _unlist(bundle, manifest, jobs)
+    unlist(bundle, manifest, jobs)
     (bundle / CALIBRATION_DIR).mkdir(exist_ok=True)
     tick(f"quantize {GRAPH}.int8", 0, 2)
-    produced = _quantize(bundle, manifest, GRAPH, "int8", data, method, block_size=0)
+    produced = quantize_variant(bundle, manifest, GRAPH, "int8", data, method, block_size=0)
 
     tick(f"evaluate {GRAPH}.int8", 1, 2)
     metrics, speed = _evaluate(bundle, manifest, produced.files[0], data.held_out, threads, speed_runs)
     report = CalibrationReport(bundle=bundle, method=method, data=data.summary(), gates=gates)
-    vr = _variant_report(bundle, manifest, produced, metrics, speed, gates, force)
-    _write_report(bundle, manifest, vr, produced, report.data, method, gates)
-    _record(bundle, manifest, vr, produced)
+    vr = variant_report(bundle, manifest, produced, metrics, speed, gates, force)
+    write_report(bundle, manifest, vr, produced, report.data, method, gates)
+    record(bundle, manifest, vr, produced)
     report.variants.append(vr)
-    _set_defaults(manifest, report)
+    set_defaults(manifest, report)
     write_manifest(bundle, manifest)
     read_manifest(bundle, verify=True)
     tick("evaluate", 2, 2)

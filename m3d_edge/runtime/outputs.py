@@ -166,8 +166,8 @@ def _write_seg(
 ) -> None:
     """A DICOM SEG referencing the source series; refused for a resampled or non-DICOM study."""
     study = result.study
-    dicom = study is not None and getattr(study, "kind", None) == "dicom"
-    if not dicom or getattr(study, "resampled", False):
+    dicom = study is not None and study.kind == "dicom"
+    if study is None or not dicom or study.resampled:
         why = "the series was resampled" if dicom else f"the study is not DICOM ({_kind(result)})"
         if explicit:
             failed.append(f"DICOM SEG not written: {why}; a SEG references a DICOM source series")

@@ -18,9 +18,9 @@ from m3d_edge import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from m3d_edge.runtime.imaging.preprocess import PreprocessRecord
+    from m3d_edge.runtime.imaging.study import Study
 
 RESULT_SCHEMA = "m3d-edge/result/1"
-MODEL_GRID = (32, 256, 256)
 
 
 def _float(v: Any) -> float | None:
@@ -39,8 +39,8 @@ class Result:
     timings: dict[str, Any]
     provenance: dict[str, Any]
     volume: np.ndarray | None = None  # the model input [D, H, W] in [0, 1] (for previews)
-    study: Any = None  # the loaded study, when the input was a file
-    record: Any = None  # its preprocessing/geometry record
+    study: Study | None = None  # the loaded study, when the input was a file
+    record: PreprocessRecord | None = None  # its preprocessing/geometry record
     outputs: dict[str, str] = field(default_factory=dict)  # written files (mask NIfTI, DICOM SEG, ...)
     target: str | None = None  # the task argument (segment label), when known
     notes: list[str] = field(default_factory=list)  # warnings met while writing outputs
@@ -161,14 +161,15 @@ class Result:
 def identity_record() -> PreprocessRecord:
     """The preprocessing record of an input already on the model grid (array or M3D .npy)."""
     from m3d_edge.runtime.imaging import Geometry, PreprocessRecord
+    from m3d_edge.runtime.imaging.geometry import TARGET_SHAPE
 
     return PreprocessRecord(
-        source_shape=MODEL_GRID,
+        source_shape=TARGET_SHAPE,
         crop_start=(0, 0, 0),
-        crop_stop=MODEL_GRID,
-        target_shape=MODEL_GRID,
+        crop_stop=TARGET_SHAPE,
+        target_shape=TARGET_SHAPE,
         zoom=(1.0, 1.0, 1.0),
-        source_geometry=Geometry.identity(MODEL_GRID),
+        source_geometry=Geometry.identity(TARGET_SHAPE),
         window="none",
         identity=True,
     )

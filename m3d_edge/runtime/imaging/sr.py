@@ -176,7 +176,7 @@ def write_dicom_sr(
 
     source_series = hd.sr.SourceSeriesForSegmentation(study.series_instance_uid)
     if result.box and result.has_patient_space() and frame_uid:
-        from m3d_edge.runtime.imaging.geometry import box_to_source
+        from m3d_edge.runtime.imaging.mapping import box_to_source
 
         sb = box_to_source(result.box, result.record)
         corners = box_corners(sb.source_min, sb.source_max, result.record.source_geometry)

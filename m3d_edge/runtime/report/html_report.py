@@ -21,7 +21,7 @@ import numpy as np
 import m3d_edge
 from m3d_edge.errors import StudyError
 from m3d_edge.fileio import atomic_write_text
-from m3d_edge.runtime.imaging.geometry import box_to_source, mask_to_source
+from m3d_edge.runtime.imaging.mapping import box_to_source, mask_to_source
 from m3d_edge.runtime.report.montage import BOX_COLOUR, MASK_COLOUR, render_montage
 from m3d_edge.runtime.result import identity_record
 

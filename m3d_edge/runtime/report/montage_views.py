@@ -11,7 +11,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from m3d_edge.errors import StudyError
-from m3d_edge.runtime.imaging.geometry import TARGET_SHAPE, Geometry, box_to_source, mask_to_source
+from m3d_edge.runtime.imaging.geometry import TARGET_SHAPE, Geometry
+from m3d_edge.runtime.imaging.mapping import box_to_source, mask_to_source
 from m3d_edge.runtime.report.orientation import Canonical
 from m3d_edge.runtime.result import identity_record
 
