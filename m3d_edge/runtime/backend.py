@@ -79,6 +79,12 @@ class BackendOptions:
             opts["trt_max_workspace_size"] = int(self.workspace_gb * (1 << 30))
         return opts
 
+    def execution_provider(self) -> str:
+        """onnxruntime's name of the provider asked for; an unknown name is a :class:`BackendError`."""
+        if self.provider not in PROVIDERS:
+            raise BackendError(f"unknown provider {self.provider!r} (choose from {', '.join(PROVIDERS)})")
+        return PROVIDERS[self.provider]
+
     def run_options(self, name: str) -> ort.RunOptions:
         """Run options of graph ``name``. Only the decoder, run once per token, keeps its memory arena
         grown between runs; the others shrink it at the end of each run. An encoder runs once per study,
@@ -96,8 +102,7 @@ class BackendOptions:
 
         TensorRT falls back to CUDA for nodes it does not take, then CPU; CUDA falls back to CPU.
         """
-        if self.provider not in PROVIDERS:
-            raise BackendError(f"unknown provider {self.provider!r} (choose from {', '.join(PROVIDERS)})")
+        self.execution_provider()  # refuses an unknown name
         chain: list[tuple[str, dict[str, object]]] = []
         if self.provider == "tensorrt":
             chain.append((PROVIDERS["tensorrt"], self.tensorrt_options(cache_dir)))
@@ -123,13 +128,11 @@ class GraphSession:
     """One ONNX Runtime session for one graph of the bundle, checked against its declaration."""
 
     def __init__(self, path: Path, spec: GraphSpec, options: BackendOptions) -> None:
-        if options.provider not in PROVIDERS:
-            raise BackendError(f"unknown provider {options.provider!r} (choose from {', '.join(PROVIDERS)})")
+        wanted = options.execution_provider()
         if options.optimization not in OPT_LEVELS:
             raise BackendError(
                 f"unknown optimization level {options.optimization!r} ({', '.join(OPT_LEVELS)})"
             )
-        wanted = PROVIDERS[options.provider]
         if wanted not in ort.get_available_providers():
             raise BackendError(
                 f"{options.provider}: onnxruntime here has no {wanted} (available: "
@@ -202,12 +205,10 @@ class OnDemandSession:
     the session runs once opened (:class:`GraphSession` refuses any other)."""
 
     def __init__(self, path: Path, spec: GraphSpec, options: BackendOptions) -> None:
-        if options.provider not in PROVIDERS:
-            raise BackendError(f"unknown provider {options.provider!r} (choose from {', '.join(PROVIDERS)})")
         self._args = (path, spec, options)
         self._session: GraphSession | None = None
         self.spec = spec
-        self.provider: str = PROVIDERS[options.provider]
+        self.provider: str = options.execution_provider()
 
     @property
     def opened(self) -> GraphSession:
