@@ -58,6 +58,13 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
+    def input_dtype(self, name: str) -> str:
+        """The declared dtype (numpy name) of input ``name``."""
+        for t in self.inputs:
+            if t.name == name:
+                return t.dtype
+        raise KeyError(f"{self.name} has no input {name!r}")
+
     @property
     def file(self) -> str:
         return f"{self.name}.onnx"
@@ -123,8 +130,19 @@ def kv_names(layer: int) -> tuple[str, str, str, str]:
 TENSORRT_DECODER = "decoder_std"  # the manifest entry of the standard-op decoder TensorRT builds from
 
 
-def decoder_spec(dims: ModelDims, standard: bool = False) -> GraphSpec:
-    """The fused decoder's declaration, or (``standard``) the standard-op one's (module docstring)."""
+def kv_dtype(precision: str) -> str:
+    """The numpy name of the KV cache dtype of a fused decoder exported at ``precision``: float16 for
+    fp16 (activations and cache in half precision, for GPUs), float32 otherwise (int8/int4 quantize the
+    weights only)."""
+    return "float16" if precision == "fp16" else "float32"
+
+
+def decoder_spec(dims: ModelDims, standard: bool = False, cache: str = "float32") -> GraphSpec:
+    """The fused decoder's declaration, or (``standard``) the standard-op one's (module docstring).
+
+    ``cache`` is the dtype of the past/present tensors (:func:`kv_dtype`); the standard-op decoder's is
+    always float32. Embeddings in and logits/hidden state out are float32 at every precision.
+    """
     if standard:
         kv = ("batch", dims.num_kv_heads, "past", dims.head_dim)
         present = ("batch", dims.num_kv_heads, "total", dims.head_dim)
@@ -142,13 +160,14 @@ def decoder_spec(dims: ModelDims, standard: bool = False) -> GraphSpec:
     ]
     for i in range(dims.num_layers):
         pk, pv, nk, nv = kv_names(i)
-        dec_in += [TensorSpec(pk, "float32", kv), TensorSpec(pv, "float32", kv)]
-        dec_out += [TensorSpec(nk, "float32", present), TensorSpec(nv, "float32", present)]
+        dec_in += [TensorSpec(pk, cache, kv), TensorSpec(pv, cache, kv)]
+        dec_out += [TensorSpec(nk, cache, present), TensorSpec(nv, cache, present)]
     return GraphSpec("decoder", tuple(dec_in), tuple(dec_out))
 
 
-def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
-    """Every graph the ONNX Runtime backend runs, declared once (docs/architecture.md §3); the decoder is the fused one."""
+def graph_specs(dims: ModelDims, cache: str = "float32") -> dict[str, GraphSpec]:
+    """Every graph the ONNX Runtime backend runs, declared once (docs/architecture.md §3); the decoder is
+    the fused one, with a ``cache`` of that dtype (:func:`kv_dtype`)."""
     image = TensorSpec("image", "float32", ("batch", 1, *dims.image_size))
     grid = dims.feature_grid
     seg_embedding = TensorSpec("image_embedding", "float32", ("batch", dims.seg_hidden, *grid))
@@ -158,7 +177,7 @@ def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
             (image,),
             (TensorSpec("image_embeds", "float32", ("batch", dims.num_image_tokens, dims.hidden_size)),),
         ),
-        decoder_spec(dims),
+        decoder_spec(dims, cache=cache),
         GraphSpec("seg_encoder", (image,), (seg_embedding,)),
         GraphSpec(
             "seg_decoder",
@@ -276,9 +295,10 @@ class Manifest:
         return cls(**d)
 
     def specs(self) -> dict[str, GraphSpec]:
-        if self.kind == "retrieval":
-            return retrieval_graph_specs(self.dims)  # type: ignore[arg-type]
-        return graph_specs(self.dims)  # type: ignore[arg-type]
+        if isinstance(self.dims, ClipDims):  # kind "retrieval" (from_dict picks the dims class by kind)
+            return retrieval_graph_specs(self.dims)
+        decoder = self.graphs.get("decoder")
+        return graph_specs(self.dims, kv_dtype(decoder.precision) if decoder else "float32")
 
     def tensorrt_specs(self) -> dict[str, GraphSpec]:
         """The graphs TensorRT builds: the encoders and the standard-op decoder (under the name "decoder")."""

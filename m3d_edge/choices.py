@@ -12,8 +12,8 @@ FAMILIES = ("phi3", "llama")
 CHECKPOINT_PRESETS = ("tiny", "bench", "wide", "full")
 """Sizes of the random-weight checkpoints ``tiny-checkpoint`` writes (``m3d_edge.export.tiny.PRESETS``)."""
 
-EXPORT_PRECISIONS = ("fp32", "int8", "int4")
-"""Decoder precisions the exporter writes straight from the weights."""
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+"""Decoder precisions the exporter writes straight from the weights (fp16: float16 cache, for GPUs)."""
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 """Graph variant precisions a bundle may hold (export, calibration, TensorRT engines)."""

@@ -14,9 +14,9 @@ Two graphs share one weight pass:
 * ``fused`` (ONNX Runtime, the CPU default): ``com.microsoft.GroupQueryAttention`` on packed QKV with
   fused rotary (``do_rotary`` over cos/sin caches) over a past/present buffer of fixed length shared in
   place (the runtime binds past and present to the same memory: nothing is concatenated or copied),
-  ``SkipSimplifiedLayerNormalization`` for every residual add + RMSNorm, weights as MatMul (fp32) or
-  ``com.microsoft.MatMulNBits`` (int8/int4, block-wise, built from the numpy weights with onnxruntime's
-  own block quantizer).
+  ``SkipSimplifiedLayerNormalization`` for every residual add + RMSNorm, weights as MatMul (fp32; fp16
+  for GPUs, with float16 activations and cache) or ``com.microsoft.MatMulNBits`` (int8/int4, block-wise,
+  built from the numpy weights with onnxruntime's own block quantizer).
 * ``standard`` (TensorRT's ONNX parser takes no ``com.microsoft`` op): plain ONNX ops, schema-2 cache
   contract (past in, past + new out), rotary by ``position_ids``; FP32 weights shared with the fused FP32
   graph's data file.
@@ -52,9 +52,9 @@ from m3d_edge.export.onnx_store import ExternalData, Graph, save_model, value_in
 
 
 def _linear(g: Graph, x: str, w_kn: np.ndarray, name: str, quant: Quant, shared: dict) -> str:
-    """x @ W for a ``[K, N]`` weight, as MatMul (fp32) or MatMulNBits (int8/int4)."""
+    """x @ W for a ``[K, N]`` weight, as MatMul (fp32, fp16) or MatMulNBits (int8/int4)."""
     if quant.bits is None:
-        proto = g.store.add(name, w_kn)
+        proto = g.store.add(name, w_kn.astype(quant.float_dtype, copy=False))
         shared[name] = proto
         return g.op1("MatMul", [x, g.shared(proto)])
     k, n = w_kn.shape
@@ -91,10 +91,18 @@ def _declare_io(g: Graph, dims: ModelDims, position_ids: bool) -> None:
 
 
 class FusedDecoder:
-    """GroupQueryAttention graph over a shared fixed-length cache (see the module docstring)."""
+    """GroupQueryAttention graph over a shared fixed-length cache (see the module docstring).
 
-    def __init__(self, g: Graph, dims: ModelDims, eps: float, cos: np.ndarray, sin: np.ndarray) -> None:
+    At fp16 every activation, float weight and the cache are float16 (what GPUs run); the contract's
+    float32 ``inputs_embeds`` is cast on the way in and logits/hidden state on the way out.
+    """
+
+    def __init__(
+        self, g: Graph, dims: ModelDims, eps: float, cos: np.ndarray, sin: np.ndarray, quant: Quant
+    ) -> None:
         self.g, self.dims, self.eps = g, dims, eps
+        self.dtype = quant.float_dtype
+        self.onnx_type = helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype))
         _declare_io(g, dims, position_ids=False)
         # GQA's sequence bookkeeping from the mask: seqlens_k = valid length - 1, total = mask width
         summed = g.op1(
@@ -104,9 +112,11 @@ class FusedDecoder:
         self.seqlens = g.op1("Cast", [minus], to=TensorProto.INT32)
         width = g.op1("Gather", [g.op1("Shape", ["attention_mask"]), g.const("idx_1", np.array(1, np.int64))])
         self.total = g.op1("Cast", [width], to=TensorProto.INT32)
-        self.cos = g.weight("rotary.cos_cache", cos)
-        self.sin = g.weight("rotary.sin_cache", sin)
+        self.cos = g.weight("rotary.cos_cache", cos.astype(self.dtype))
+        self.sin = g.weight("rotary.sin_cache", sin.astype(self.dtype))
         self.residual = "inputs_embeds"
+        if self.dtype != np.float32:
+            self.residual = g.op1("Cast", ["inputs_embeds"], to=self.onnx_type)
         self.pending: str | None = None  # the MLP output not yet added to the residual
 
     def _norm_after(self, delta: str | None, gamma: str) -> str:
@@ -126,15 +136,12 @@ class FusedDecoder:
 
     def layer(self, i: int, w: LayerWeights, quant: Quant, shared: dict) -> None:
         g, d = self.g, self.dims
-        f32 = TensorProto.FLOAT
         pk, pv, nk, nv = kv_names(i)
         kv = ["batch", d.num_kv_heads, "max_length", d.head_dim]
-        g.inputs += [value_info(pk, f32, kv), value_info(pv, f32, kv)]
-        g.outputs += [value_info(nk, f32, kv), value_info(nv, f32, kv)]
+        g.inputs += [value_info(pk, self.onnx_type, kv), value_info(pv, self.onnx_type, kv)]
+        g.outputs += [value_info(nk, self.onnx_type, kv), value_info(nv, self.onnx_type, kv)]
         p = f"model.layers.{i}."
-        h = self._norm_after(
-            self.pending, g.shared(_norm_proto(g, p + "input_layernorm.weight", w.ln1, shared))
-        )
+        h = self._norm_after(self.pending, self._gamma(p + "input_layernorm.weight", w.ln1, shared))
         qkv = _linear(g, h, w.qkv, p + "self_attn.qkv_proj.weight.T", quant, shared)
         attn, present_k, present_v = g.op(
             "GroupQueryAttention",
@@ -150,15 +157,24 @@ class FusedDecoder:
         g.nodes.append(helper.make_node("Identity", [present_k], [nk], name=f"present_k_{i}"))
         g.nodes.append(helper.make_node("Identity", [present_v], [nv], name=f"present_v_{i}"))
         o = _linear(g, attn, w.o, p + "self_attn.o_proj.weight.T", quant, shared)
-        h2 = self._norm_after(
-            o, g.shared(_norm_proto(g, p + "post_attention_layernorm.weight", w.ln2, shared))
-        )
+        h2 = self._norm_after(o, self._gamma(p + "post_attention_layernorm.weight", w.ln2, shared))
         self.pending = _mlp(g, h2, w, p, quant, shared)
+
+    def _gamma(self, name: str, w: np.ndarray, shared: dict) -> str:
+        """An RMSNorm weight: the fp32 one shared with the standard graph, or this graph's own fp16 copy."""
+        if self.dtype == np.float32:
+            return self.g.shared(_norm_proto(self.g, name, w, shared))
+        return self.g.weight(f"{name}.fp16", w.astype(self.dtype))
 
     def finish(self, norm: np.ndarray, lm_head_kn: np.ndarray, quant: Quant, shared: dict) -> None:
         g = self.g
-        hidden = self._norm_after(self.pending, g.shared(_norm_proto(g, "model.norm.weight", norm, shared)))
-        _finish(g, hidden, lm_head_kn, quant, shared)
+        hidden = self._norm_after(self.pending, self._gamma("model.norm.weight", norm, shared))
+        last = g.op1("Gather", [hidden, g.const("idx_last", np.array(-1, np.int64))], axis=1)  # [B, H]
+        logits = _linear(g, last, lm_head_kn, "lm_head.weight.T", quant, shared)
+        if self.dtype != np.float32:  # the contract's outputs are float32
+            last, logits = (g.op1("Cast", [v], to=TensorProto.FLOAT) for v in (last, logits))
+        _name_output(g, last, "last_hidden_state")
+        _name_output(g, logits, "logits")
 
 
 def _norm_proto(g: Graph, name: str, w: np.ndarray, shared: dict) -> TensorProto:
@@ -186,12 +202,6 @@ def _last_position(g: Graph, hidden: str) -> str:
     last = g.op1("Gather", [hidden, g.const("idx_last", np.array(-1, np.int64))], axis=1)
     _name_output(g, last, "last_hidden_state")
     return last
-
-
-def _finish(g: Graph, hidden: str, lm_head_kn: np.ndarray, quant: Quant, shared: dict) -> None:
-    """Last position only: post-norm hidden state and logits."""
-    last = _last_position(g, hidden)
-    _name_output(g, _linear(g, last, lm_head_kn, "lm_head.weight.T", quant, shared), "logits")
 
 
 class StandardDecoder:
@@ -419,7 +429,7 @@ def write_decoders(
     cos, sin = rope_tables(cfg, dims, dims.max_position_embeddings)
     with _cleanup_on_error(paths):
         fused_g = Graph("m3d_decoder_fused", store)
-        builders: list[FusedDecoder | StandardDecoder] = [FusedDecoder(fused_g, dims, eps, cos, sin)]
+        builders: list[FusedDecoder | StandardDecoder] = [FusedDecoder(fused_g, dims, eps, cos, sin, quant)]
         std_g = None
         if standard:
             std_g = Graph("m3d_decoder_standard", store)

@@ -82,6 +82,11 @@ class Quant:
         return {"int8": 8, "int4": 4}.get(self.precision)
 
     @property
+    def float_dtype(self) -> type[np.floating]:
+        """The dtype of the graph's activations, float weights and KV cache (fp16 for GPUs)."""
+        return np.float16 if self.precision == "fp16" else np.float32
+
+    @property
     def symmetric(self) -> bool:
         return self.bits == 8  # int4 keeps per-block zero points (closer to FP32), as calibration does
 

@@ -32,9 +32,9 @@ class KVCache:
     :meth:`truncate` (prefix reuse) only moves the length: later positions are overwritten by the next step.
     """
 
-    def __init__(self, dims: ModelDims, max_len: int) -> None:
+    def __init__(self, dims: ModelDims, max_len: int, dtype: np.dtype[Any] | str = "float32") -> None:
         shape = (1, dims.num_kv_heads, max_len, dims.head_dim)
-        self.buffers = [np.zeros(shape, np.float32) for _ in range(2 * dims.num_layers)]
+        self.buffers = [np.zeros(shape, dtype) for _ in range(2 * dims.num_layers)]
         self.max_len = max_len
         self.length = 0
         self.ids: list[int] = []  # the token ids whose keys/values are cached (prefix reuse)
@@ -46,12 +46,21 @@ class KVCache:
 
 
 class Decoder:
-    """Runs the fused decoder graph over a :class:`KVCache` with IO binding; no per-step allocation."""
+    """Runs the fused decoder graph over a :class:`KVCache` with IO binding; no per-step allocation.
+
+    ``cache_dtype`` is the graph's past/present dtype (the manifest's declaration: float16 for an fp16
+    export, else float32); embeddings in and logits/hidden state out are float32 at every precision.
+    """
 
     def __init__(
-        self, session: BoundSession, dims: ModelDims, embed_table: NDArray[np.floating[Any]]
+        self,
+        session: BoundSession,
+        dims: ModelDims,
+        embed_table: NDArray[np.floating[Any]],
+        cache_dtype: str = "float32",
     ) -> None:
         self.session, self.dims, self.embed_table = session, dims, embed_table
+        self.cache_dtype = np.dtype(cache_dtype)
         self.logits: Floats = np.zeros((1, dims.vocab_size), np.float32)
         self.hidden: Floats = np.zeros((1, dims.hidden_size), np.float32)
         self.token_embeds: Floats = np.zeros((1, 1, dims.hidden_size), np.float32)
@@ -60,7 +69,7 @@ class Decoder:
     def new_cache(self, max_len: int) -> KVCache:
         if self._mask.shape[1] < max_len:
             self._mask = np.ones((1, max_len), np.int64)
-        return KVCache(self.dims, max_len)
+        return KVCache(self.dims, max_len, self.cache_dtype)
 
     def step(self, cache: KVCache, embeds: Floats, ids: list[int]) -> None:
         """Feed ``embeds [1, n, H]`` (whose tokens are ``ids``) after the cached prefix; fills logits/hidden."""

@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from tokenizers import Tokenizer
 
-from m3d_edge.bundle import Manifest, ModelDims, read_manifest
+from m3d_edge.bundle import Manifest, ModelDims, kv_names, read_manifest
 from m3d_edge.errors import BackendError, BundleError, GenerationError, PromptError, StudyError
 from m3d_edge.runtime.backend import BackendOptions, GraphSession, open_graph_sessions
 from m3d_edge.runtime.generate import Decoder, SamplingParams, generate
@@ -158,7 +158,8 @@ class Pipeline:
             raise BackendError("decoder: the decoder loop needs an opened session, not an on-demand one")
         # the cache type is the backend's own (KVCache here, TrtKVCache there): the pipeline only hands
         # back what decoder.new_cache made
-        self.decoder: DecoderBackend[Any] = Decoder(decoder, self.dims, self.embed_table)
+        cache = decoder.spec.input_dtype(kv_names(0)[0])
+        self.decoder: DecoderBackend[Any] = Decoder(decoder, self.dims, self.embed_table, cache)
 
     def _open_engines(self, precision: str | dict[str, str] | None) -> None:
         """Native TensorRT plans built by ``m3d-edge build-engines`` for this GPU (KV cache on the device)."""

@@ -52,6 +52,7 @@ def export_with_progress(ckpt: Path, out: Path, **kwargs: Any) -> Any:
         "m3d-edge export ./M3D-LaMed-Phi-3-4B -o ./bundle",
         "m3d-edge export ./ckpt -o ./bundle --overwrite --no-validate",
         "m3d-edge export ./M3D-LaMed-Phi-3-4B -o ./bundle-int4 --precision int4   # 2.3 GB, under 12 GB RAM",
+        "m3d-edge export ./M3D-LaMed-Phi-3-4B -o ./bundle-fp16 --precision fp16   # GPUs: fp16 weights and cache",
     )
 )
 @handle_errors
@@ -64,7 +65,10 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Compare every graph with torch."),
     precision: ExportPrecision = typer.Option(
-        "fp32", "--precision", help="Decoder precision (int8/int4: MatMulNBits, quantized per layer)."
+        "fp32",
+        "--precision",
+        help="Decoder precision (fp16: half-precision weights, activations and cache, for GPUs;"
+        " int8/int4: MatMulNBits, quantized per layer).",
     ),
     tensorrt_graph: bool = typer.Option(
         None,
