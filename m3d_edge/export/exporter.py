@@ -63,9 +63,10 @@ __all__ = [
 ]
 
 TOLERANCE = {"vision": 1e-4, "decoder": 1e-3, "decoder_std": 1e-3, "seg_encoder": 1e-4, "seg_decoder": 1e-3}
-# fp16 activations and cache: 11-bit mantissas (relative step 4.9e-4) rounded at every op of every layer,
-# measured at 5.6e-3 on the tiny models; a cache or rotary bug is still off by order 1
-TOLERANCE["decoder_fp16"] = 2e-2
+# fp16 activations and cache: 11-bit mantissas (relative step 4.9e-4) rounded at every op of every layer.
+# Measured: 5.6e-3 on the tiny models, 2.1e-2 on the bench model (8 layers of std-0.2 weights, logits
+# ~100), 2.75e-2 through the tiny pipelines' 270-token prompts; a cache or rotary bug is off by order 1
+TOLERANCE["decoder_fp16"] = 5e-2
 ENCODERS = ("vision", "seg_encoder", "seg_decoder")
 FULL_VALIDATION_BYTES = 2 << 30  # decoders up to this size are validated whole; larger ones on 2 layers
 TRUNCATED_LAYERS = 2
