@@ -152,6 +152,24 @@ def test_prefix_reuse_gives_the_same_answer(pipelines, tiny_bundles, volume):
     assert second.timings["cached_study"] and second.timings["vision"] == 0.0 and fresh.timings["vision"] > 0
 
 
+def test_interleaved_caches_stay_apart(pipelines):
+    """The decoder binds a cache once; stepping another cache in between must rebind, not write into it."""
+    dec = pipelines["phi3"].decoder
+    rng = np.random.default_rng(1)
+    a_in, b_in = (rng.standard_normal((1, 5, dec.dims.hidden_size)).astype(np.float32) for _ in "ab")
+    a, b, alone = dec.new_cache(16), dec.new_cache(16), dec.new_cache(16)
+    dec.step(a, a_in, [1] * 5)
+    dec.step(b, b_in, [2] * 5)  # another cache between a's prefill and a's next token
+    dec.step_token(a, 7)
+    got = dec.logits.copy()
+    dec.step(alone, a_in, [1] * 5)
+    dec.step_token(alone, 7)
+    np.testing.assert_array_equal(got, dec.logits)
+    for x, y in zip(a.buffers, alone.buffers, strict=True):
+        np.testing.assert_array_equal(x[:, :, :6], y[:, :, :6])
+    assert not np.array_equal(a.buffers[0][:, :, :5], b.buffers[0][:, :, :5])
+
+
 def test_context_length_guard(pipelines, volume):
     pipe = pipelines["phi3"]
     with pytest.raises(GenerationError, match="exceeds the model's context length 2047"):

@@ -178,7 +178,8 @@ class GraphSession:
         return dict(zip(self.spec.output_names(), out, strict=True))
 
     def run_bound(self, inputs: dict[str, Array], outputs: dict[str, Array]) -> None:
-        """Run with every input and output bound to the given C-contiguous CPU buffers (zero copy)."""
+        """Bind the given C-contiguous CPU buffers (zero copy) and run; names bound by an earlier call and
+        not given again stay bound to their buffers (the decoder binds its cache once per cache)."""
         b = self.binding
         for name, arr in inputs.items():
             b.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)

@@ -10,6 +10,7 @@ TensorRT backend implements too.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,7 @@ class Decoder:
     ) -> None:
         self.session, self.dims, self.embed_table = session, dims, embed_table
         self.cache_dtype = np.dtype(cache_dtype)
+        self._bound: weakref.ref[KVCache] | None = None  # the cache whose buffers the session has bound
         self.logits: Floats = np.zeros((1, dims.vocab_size), np.float32)
         self.hidden: Floats = np.zeros((1, dims.hidden_size), np.float32)
         self.token_embeds: Floats = np.zeros((1, 1, dims.hidden_size), np.float32)
@@ -80,11 +82,16 @@ class Decoder:
             "inputs_embeds": np.ascontiguousarray(embeds, np.float32),
             "attention_mask": self._mask[:, : past + n],  # its width tells the graph the total length
         }
-        outputs: dict[str, Array] = {"logits": self.logits, "last_hidden_state": self.hidden}
-        for i in range(self.dims.num_layers):
-            pk, pv, nk, nv = kv_names(i)
-            inputs[pk] = outputs[nk] = cache.buffers[2 * i]  # the same memory: written in place
-            inputs[pv] = outputs[nv] = cache.buffers[2 * i + 1]
+        outputs: dict[str, Array] = {}
+        if self._bound is None or self._bound() is not cache:
+            # the cache and output buffers never move, so they are bound once per cache, not per token
+            # (2 x layers + 2 bindings fewer per step); a cache that died cannot be the one bound
+            outputs = {"logits": self.logits, "last_hidden_state": self.hidden}
+            for i in range(self.dims.num_layers):
+                pk, pv, nk, nv = kv_names(i)
+                inputs[pk] = outputs[nk] = cache.buffers[2 * i]  # the same memory: written in place
+                inputs[pv] = outputs[nv] = cache.buffers[2 * i + 1]
+            self._bound = weakref.ref(cache)
         self.session.run_bound(inputs, outputs)
         cache.length += n
         cache.ids.extend(ids)

@@ -41,7 +41,8 @@ class Session(Graph, Protocol):
 
 @runtime_checkable
 class BoundSession(Protocol):
-    """A session that runs with caller-owned, preallocated buffers bound to inputs and outputs (no copies)."""
+    """A session that runs with caller-owned, preallocated buffers bound to inputs and outputs (no copies);
+    a binding stays until the same name is bound again."""
 
     def run_bound(self, inputs: dict[str, Array], outputs: dict[str, Array]) -> None: ...
 
