@@ -189,7 +189,7 @@ def child_torch(a) -> dict:
     state = {}
     for fname in sorted(set(where.values())):
         with safe_open(str(Path(a.ckpt) / fname), framework="pt") as f:
-            for name in f:
+            for name in f.keys():  # noqa: SIM118  (safe_open is not iterable)
                 if name in wanted:
                     state[name] = f.get_tensor(name).to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
