@@ -169,12 +169,11 @@ class FusedDecoder:
     def finish(self, norm: np.ndarray, lm_head_kn: np.ndarray, quant: Quant, shared: dict) -> None:
         g = self.g
         hidden = self._norm_after(self.pending, self._gamma("model.norm.weight", norm, shared))
-        last = g.op1("Gather", [hidden, g.const("idx_last", np.array(-1, np.int64))], axis=1)  # [B, H]
+        last = _last_position(g, hidden)
         logits = _linear(g, last, lm_head_kn, "lm_head.weight.T", quant, shared)
         if self.dtype != np.float32:  # the contract's outputs are float32
             last, logits = (g.op1("Cast", [v], to=TensorProto.FLOAT) for v in (last, logits))
-        _name_output(g, last, "last_hidden_state")
-        _name_output(g, logits, "logits")
+        _name_outputs(g, last, logits)
 
 
 def _norm_proto(g: Graph, name: str, w: np.ndarray, shared: dict) -> TensorProto:
@@ -193,15 +192,15 @@ def _mlp(g: Graph, h: str, w: LayerWeights, p: str, quant: Quant, shared: dict) 
     return _linear(g, g.op1("Mul", [act, up]), w.down, p + "mlp.down_proj.weight.T", quant, shared)
 
 
-def _name_output(g: Graph, value: str, name: str) -> None:
-    g.nodes.append(helper.make_node("Identity", [value], [name], name=name))
-
-
 def _last_position(g: Graph, hidden: str) -> str:
-    """The hidden state of the last position, [B, H], also the ``last_hidden_state`` output."""
-    last = g.op1("Gather", [hidden, g.const("idx_last", np.array(-1, np.int64))], axis=1)
-    _name_output(g, last, "last_hidden_state")
-    return last
+    """The hidden state of the last position, [B, H]."""
+    return g.op1("Gather", [hidden, g.const("idx_last", np.array(-1, np.int64))], axis=1)
+
+
+def _name_outputs(g: Graph, last: str, logits: str) -> None:
+    """Both decoders' outputs besides the cache: the last position's post-norm state and its logits."""
+    for value, name in ((last, "last_hidden_state"), (logits, "logits")):
+        g.nodes.append(helper.make_node("Identity", [value], [name], name=name))
 
 
 class StandardDecoder:
@@ -333,7 +332,7 @@ class StandardDecoder:
         g = self.g
         hidden = self._norm_after(self.pending, g.shared(shared["model.norm.weight"]))
         last = _last_position(g, hidden)
-        _name_output(g, g.op1("MatMul", [last, g.shared(shared["lm_head.weight.T"])]), "logits")
+        _name_outputs(g, last, g.op1("MatMul", [last, g.shared(shared["lm_head.weight.T"])]))
 
 
 # -- the writer --------------------------------------------------------------------------------------

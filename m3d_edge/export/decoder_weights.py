@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m3d_edge.bundle import ModelDims
+from m3d_edge.bundle import ModelDims, kv_dtype
 from m3d_edge.errors import ExportError
 from m3d_edge.export.checkpoint import INDEX, LamedConfig
 from m3d_edge.export.side_files import read_json
@@ -83,8 +83,8 @@ class Quant:
 
     @property
     def float_dtype(self) -> type[np.floating]:
-        """The dtype of the graph's activations, float weights and KV cache (fp16 for GPUs)."""
-        return np.float16 if self.precision == "fp16" else np.float32
+        """The dtype of the graph's activations, float weights and KV cache: the cache's (``kv_dtype``)."""
+        return np.dtype(kv_dtype(self.precision)).type
 
     @property
     def symmetric(self) -> bool:
